@@ -1,0 +1,97 @@
+"""Shared helpers: import a step's modules in-process, and launch a step's train.py with torchrun.
+
+Launches are the slow part of the suite (~10 s of start-up each on 2 cores), so runs are cached
+per test session by their exact command line: tests that need the same run share one launch.
+"""
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+STEP_MODULES = ("model", "utils", "process_group_manager", "dataloader", "tensor_parallel", "data_parallel",
+                "pipeline_parallel", "checkpoint")
+
+
+def step_dir(step):
+    """step3 -> ROOT/step3_dataloader"""
+    matches = sorted(ROOT.glob(f"{step}_*"))
+    assert len(matches) == 1, f"no single folder for {step}: {matches}"
+    return matches[0]
+
+
+def import_step(step, *names):
+    """Import modules of one step folder. Every step has its own `model`, `utils`, ...: drop any
+    previously imported copies so each step's code sees its own siblings."""
+    for name in STEP_MODULES:
+        sys.modules.pop(name, None)
+    sys.path.insert(0, str(step_dir(step)))
+    try:
+        modules = [importlib.import_module(name) for name in names]
+    finally:
+        sys.path.pop(0)
+    return modules[0] if len(modules) == 1 else modules
+
+
+def run_env(tmp_root):
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               WANDB_DIR=str(tmp_root), WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    for key in ("WANDB_API_KEY", "WANDB_MODE"):
+        env.pop(key, None)
+    return env
+
+
+class Run:
+    def __init__(self, proc, metrics_path):
+        self.returncode = proc.returncode
+        self.stdout = proc.stdout
+        self.stderr = proc.stderr
+        self.metrics = []
+        if metrics_path and metrics_path.exists():
+            self.metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+
+    @property
+    def losses(self):
+        return [m["loss"] for m in self.metrics]
+
+    def __repr__(self):
+        return f"Run(rc={self.returncode}, steps={len(self.metrics)})\n{self.stdout[-3000:]}\n{self.stderr[-3000:]}"
+
+
+def torchrun_command(step, nproc, args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            str(step_dir(step) / "train.py"), *[str(a) for a in args]]
+
+
+class Launcher:
+    def __init__(self, tmp_root):
+        self.tmp_root = tmp_root
+        self.cache = {}
+
+    def __call__(self, step, nproc, *args, timeout=600, cwd=None, cached=True):
+        key = (step, nproc, tuple(str(a) for a in args), cwd)
+        if cached and key in self.cache:
+            return self.cache[key]
+        metrics_path = self.tmp_root / f"metrics_{len(self.cache)}_{os.getpid()}_{id(key)}.jsonl"
+        command = torchrun_command(step, nproc, [*args, "--metrics_file", metrics_path])
+        proc = subprocess.run(command, cwd=cwd or ROOT, env=run_env(self.tmp_root), capture_output=True, text=True,
+                              timeout=timeout)
+        run = Run(proc, metrics_path)
+        self.cache[key] = run
+        return run
+
+
+@pytest.fixture(scope="session")
+def torchrun(tmp_path_factory):
+    """torchrun(step, nproc, *train_args) -> Run with .returncode, .stdout, .stderr, .metrics, .losses"""
+    return Launcher(tmp_path_factory.mktemp("runs"))
+
+
+def max_abs_diff(a, b):
+    assert len(a) == len(b), f"different number of steps: {len(a)} vs {len(b)}"
+    return max(abs(x - y) for x, y in zip(a, b))

@@ -1,0 +1,54 @@
+"""Regenerate stepN_*/patch_step_N.diff: what step N adds to step N-1.
+
+Each patch is `diff -x '*.diff' -x __pycache__ --new-file -ur step{N-1}_* stepN_*` run from the
+repository root, with the file timestamps dropped from the `---`/`+++` headers so a patch depends
+only on the files' contents (a fresh clone gives the same bytes).
+
+    python tools/make_patches.py          # rewrite the patches
+    python tools/make_patches.py --check  # exit 1 if any patch is stale
+"""
+import argparse
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def step_dirs():
+    dirs = [d for d in ROOT.iterdir() if d.is_dir() and re.fullmatch(r"step\d+_\w+", d.name)]
+    return sorted(dirs, key=lambda d: int(re.match(r"step(\d+)", d.name).group(1)))
+
+
+def make_patch(previous, current):
+    result = subprocess.run(["diff", "-x", "*.diff", "-x", "__pycache__", "--new-file", "-ur", previous.name, current.name],
+                            cwd=ROOT, capture_output=True, text=True)
+    if result.returncode > 1:  # 0: identical, 1: differences, 2: trouble
+        sys.exit(f"diff failed: {result.stderr}")
+    return re.sub(r"^((?:---|\+\+\+) \S+)\t.*$", r"\1", result.stdout, flags=re.MULTILINE)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only check that every patch is current")
+    args = parser.parse_args()
+    stale = []
+    steps = step_dirs()
+    for previous, current in zip(steps, steps[1:]):
+        number = re.match(r"step(\d+)", current.name).group(1)
+        path = current / f"patch_step_{number}.diff"
+        patch = make_patch(previous, current)
+        if args.check:
+            if not path.exists() or path.read_text() != patch:
+                stale.append(str(path.relative_to(ROOT)))
+        else:
+            path.write_text(patch)
+            print(f"wrote {path.relative_to(ROOT)} ({patch.count(chr(10))} lines)")
+    if stale:
+        print("stale patches (run python tools/make_patches.py): " + ", ".join(stale))
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
