@@ -1,0 +1,62 @@
+"""step3's training loop under torchrun on the embedded defaults: learning, exact gradient
+accumulation, determinism, metrics file and offline W&B."""
+import json
+
+from conftest import max_abs_diff
+
+SMALL = ["--seq_len", 32, "--learning_rate", 1e-3]
+
+
+def accumulation_run(torchrun, micro_batch_size, grad_acc):
+    # 5 optimizer steps of a global batch of 4 chunks of 32 tokens
+    return torchrun("step3", 1, *SMALL, "--micro_batch_size", micro_batch_size,
+                    "--gradient_accumulation_steps", grad_acc, "--max_tokens", 5 * 4 * 32)
+
+
+def test_end_to_end_loss_falls_with_metrics_and_offline_wandb(torchrun):
+    run = torchrun("step3", 1, "--seq_len", 64, "--micro_batch_size", 4, "--gradient_accumulation_steps", 2,
+                   "--max_tokens", 30 * 8 * 64, "--use_wandb", "--run_name", "e2e")
+    assert run.returncode == 0, run
+    assert [m["step"] for m in run.metrics] == list(range(1, 31))
+    first, last = run.losses[0], run.losses[-1]
+    assert 7.5 < first < 8.8  # ~ln(4096) = 8.32 for a fresh model
+    assert last <= 0.8 * first, run.losses
+    for m in run.metrics:
+        assert m["tokens"] == m["step"] * 8 * 64
+        assert m["tokens_per_second"] > 0 and m["tokens_per_second_per_device"] == m["tokens_per_second"]
+    assert "Step: 30" in run.stdout and "Tokens/s/device" in run.stdout and "Memory:" in run.stdout
+    # --use_wandb without credentials: says so and leaves an offline run behind
+    assert "logging offline" in run.stdout
+    offline_runs = list((torchrun.tmp_root / "wandb").glob("offline-run-*"))
+    assert offline_runs, sorted(p.name for p in torchrun.tmp_root.iterdir())
+    assert any(f.suffix == ".wandb" for run_dir in offline_runs for f in run_dir.iterdir())
+
+
+def test_gradient_accumulation_is_exact(torchrun):
+    runs = {(mbs, acc): accumulation_run(torchrun, mbs, acc) for mbs, acc in ((4, 1), (2, 2), (1, 4))}
+    for run in runs.values():
+        assert run.returncode == 0, run
+        assert len(run.losses) == 5
+    reference = runs[(4, 1)].losses
+    assert reference[-1] < reference[0]
+    for key in ((2, 2), (1, 4)):
+        assert max_abs_diff(runs[key].losses, reference) <= 1e-5, (key, runs[key].losses, reference)
+
+
+def test_same_seed_same_losses_and_other_seed_differs(torchrun):
+    first = accumulation_run(torchrun, 4, 1)
+    again = torchrun("step3", 1, *SMALL, "--micro_batch_size", 4, "--gradient_accumulation_steps", 1,
+                     "--max_tokens", 5 * 4 * 32, cached=False)
+    other = torchrun("step3", 1, *SMALL, "--micro_batch_size", 4, "--gradient_accumulation_steps", 1,
+                     "--max_tokens", 5 * 4 * 32, "--seed", 43)
+    assert again.returncode == 0 and other.returncode == 0
+    assert again.losses == first.losses
+    assert other.losses != first.losses
+
+
+def test_metrics_file_is_json_lines_with_the_documented_keys(torchrun):
+    run = accumulation_run(torchrun, 4, 1)
+    for m in run.metrics:
+        assert {"step", "loss", "tokens", "tokens_per_second", "tokens_per_second_per_device"} <= set(m)
+        assert isinstance(m["step"], int) and isinstance(m["loss"], float)
+    json.dumps(run.metrics)
