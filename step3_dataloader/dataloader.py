@@ -13,9 +13,9 @@ from filelock import FileLock
 from torch.utils.data import DataLoader, DistributedSampler
 
 import process_group_manager as pgm
-from utils import fail
+from utils import ASSETS, fail
 
-DEFAULT_DATASET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "assets", "tiny_stories")
+DEFAULT_DATASET = os.path.join(ASSETS, "tiny_stories")
 
 
 def load_text_dataset(dataset_name, split="train"):

@@ -9,7 +9,9 @@ import time
 import numpy as np
 import torch
 
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "assets", "tiny_llama")
+# The embedded offline defaults (tools/make_assets.py makes them).
+ASSETS = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "assets"))
+DEFAULT_MODEL = os.path.join(ASSETS, "tiny_llama")
 
 
 def fail(message):
