@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+# The suite never touches the Hugging Face hub: the embedded assets are the defaults.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 STEP_MODULES = ("model", "utils", "process_group_manager", "dataloader", "tensor_parallel", "data_parallel",
                 "pipeline_parallel", "checkpoint")
