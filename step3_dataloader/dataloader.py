@@ -71,6 +71,7 @@ class MicroBatchDataLoader(DataLoader):
         super().__init__(self.tokenized_dataset, batch_size=micro_batch_size, sampler=self.sampler,
                          collate_fn=self.collate_batch, num_workers=num_workers, drop_last=True)
         self.epoch = 0
+        self.micro_batches_in_epoch = 0  # the data position a checkpoint records
         self._iterator = None
 
     def tokenize_dataset(self, dataset, seq_len, num_proc):
@@ -113,12 +114,27 @@ class MicroBatchDataLoader(DataLoader):
         if self._iterator is None:
             self._iterator = super().__iter__()
         try:
-            return next(self._iterator)
+            batch = next(self._iterator)
         except StopIteration:
             # Out of data: reshuffle and go round again rather than ending the run.
             self.epoch += 1
+            self.micro_batches_in_epoch = 0
             self.sampler.set_epoch(self.epoch)
             if pgm.process_group_manager.global_rank == 0:
                 print(f"Dataloader: end of data, starting epoch {self.epoch}", flush=True)
             self._iterator = super().__iter__()
-            return next(self._iterator)
+            batch = next(self._iterator)
+        self.micro_batches_in_epoch += 1
+        return batch
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "micro_batches_in_epoch": self.micro_batches_in_epoch}
+
+    def load_state_dict(self, state):
+        """Continue exactly where a checkpointed run stopped: same epoch order, same next batch."""
+        self.epoch = state["epoch"]
+        self.sampler.set_epoch(self.epoch)
+        self._iterator = super().__iter__()
+        for _ in range(state["micro_batches_in_epoch"]):
+            next(self._iterator)
+        self.micro_batches_in_epoch = state["micro_batches_in_epoch"]

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import process_group_manager as pgm
+from checkpoint import load_checkpoint, load_hf_weights, save_checkpoint
 from dataloader import DEFAULT_DATASET, MicroBatchDataLoader
 from model import Llama
 from process_group_manager import setup_process_group_manager, validate_layout
@@ -43,6 +44,12 @@ def parse_args():
     parser.add_argument("--run_name", type=str, default="default_run")
     parser.add_argument("--use_wandb", action="store_true")
     parser.add_argument("--metrics_file", type=str, default=None, help="JSON Lines file, one object per step")
+    parser.add_argument("--save_dir", type=str, default=None, help="write checkpoints here")
+    parser.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    parser.add_argument("--keep_last", type=int, default=2, help="complete checkpoints kept in --save_dir")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --save_dir")
+    parser.add_argument("--init_from_hf", type=str, default=None,
+                        help="Hugging Face Llama directory (model.safetensors or an index) to start from")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     return parser.parse_args()
@@ -78,6 +85,8 @@ def main():
     config = load_config(args)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     errors = validate_layout(world_size, args.tp_size, args.pp_size, args.dp_size, config)
+    if args.resume and not args.save_dir:
+        errors.append("--resume needs --save_dir")
     if errors:
         fail("; ".join(errors))
 
@@ -92,8 +101,12 @@ def main():
 
     # Every rank builds the same full model from the same seed.
     set_all_seed(args.seed)
-    model = Llama(config).to(device=device, dtype=dtype)
+    model = Llama(config)
+    if args.init_from_hf:
+        load_hf_weights(model, args.init_from_hf)
+    model = model.to(device=device, dtype=dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    layout = {"world_size": world_size, "tp_size": args.tp_size, "pp_size": args.pp_size, "dp_size": args.dp_size}
     num_params = sum(p.numel() for p in model.parameters())
 
     logger = MetricsLogger(args.metrics_file, args.use_wandb, args.run_name, vars(args)) if is_logging_rank else None
@@ -103,6 +116,10 @@ def main():
 
     tokens_per_step = data_loader.global_batch_size * args.seq_len
     step, trained_tokens = 0, 0
+    if args.resume:
+        step, trained_tokens = load_checkpoint(args.save_dir, model, optimizer, data_loader, layout)
+        if is_logging_rank:
+            print(f"resumed from step {step} ({to_readable_format(trained_tokens)} tokens) in {args.save_dir}", flush=True)
     while trained_tokens < args.max_tokens:
         step_start = time.time()
         optimizer.zero_grad()
@@ -125,6 +142,10 @@ def main():
                   f"| Tokens: {to_readable_format(trained_tokens)}/{to_readable_format(args.max_tokens)} "
                   f"| Memory: {metrics['memory_gb']:.2f}GB", flush=True)
             logger.log(metrics)
+
+        done = trained_tokens >= args.max_tokens
+        if args.save_dir and (done or (args.save_every and step % args.save_every == 0)):
+            save_checkpoint(args.save_dir, step, trained_tokens, model, optimizer, data_loader, layout, args.keep_last)
 
     if logger:
         logger.close()

@@ -14,11 +14,14 @@ ASSETS = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)
 DEFAULT_MODEL = os.path.join(ASSETS, "tiny_llama")
 
 
-def fail(message):
-    """Stop this rank with one clear line. Every rank runs the same checks and reaches the same
-    verdict; ranks other than 0 wait a moment so that rank 0's line is the one torchrun shows."""
+def fail(message, every_rank=False):
+    """Stop this rank with one clear line. Most checks run on every rank and reach the same verdict:
+    then only rank 0 prints, and the others wait a moment so that its line is the one torchrun shows.
+    A problem only some ranks see (every_rank=True) is printed by each of them."""
     rank = int(os.environ.get("RANK", "0"))
-    if rank == 0:
+    if every_rank:
+        print(f"error: [rank {rank}] {message}", file=sys.stderr, flush=True)
+    elif rank == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
     else:
         time.sleep(2)
