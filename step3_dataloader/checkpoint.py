@@ -113,7 +113,8 @@ def load_checkpoint(save_dir, model, optimizer, data_loader, layout):
     problems += [f"{k}: missing" for k in expected if k not in model_state]
     problems += [f"{k}: unexpected" for k in model_state if k not in expected]
     if problems:
-        fail(f"checkpoint {path} does not fit the model: " + "; ".join(problems[:5]), every_rank=True)
+        fail(f"checkpoint {path} does not fit the model ({len(problems)} tensors, first 5): " + "; ".join(problems[:5]),
+             every_rank=True)
     model.load_state_dict(model_state)
 
     optimizer_state = {"state": {}, "param_groups": metadata["optimizer_param_groups"]}

@@ -1,6 +1,7 @@
 """Checkpoints: exact resume, saves that survive SIGKILL, --init_from_hf, and refusing bad checkpoints."""
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -116,10 +117,12 @@ def make_hf_checkpoint(folder, tied, shard=False, layers=2):
                          rms_norm_eps=1e-5, tie_word_embeddings=tied)
     torch.manual_seed(3)
     model = LlamaForCausalLM(config)
-    with torch.no_grad():  # non-trivial norms, so a misplaced norm weight would show in the loss
+    with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name:  # non-trivial norms, so a misplaced norm weight would show in the loss
                 param.add_(0.2 * torch.randn_like(param))
+            if "embed_tokens" in name or "lm_head" in name:  # confident logits: a loss far from ln(vocab)
+                param.mul_(10)
     model.save_pretrained(folder, max_shard_size="150KB" if shard else "5GB")
     return model
 
@@ -149,9 +152,9 @@ def test_init_from_hf_starts_at_transformers_loss(torchrun, tmp_path, monkeypatc
                    "--max_tokens", STEP_TOKENS)
     assert run.returncode == 0, run
     assert abs(run.losses[0] - expected) <= 1e-4, (run.losses[0], expected)
-    # a fresh random model of this config would start near ln(4096) = 8.32, not at the loaded model's loss
+    # a fresh random model of this config starts near ln(4096) = 8.32, far from the loaded model's loss
     fresh = torchrun("step3", 1, *SMALL, "--model_name", tmp_path, "--max_tokens", STEP_TOKENS)
-    assert abs(fresh.losses[0] - expected) > 1e-3
+    assert abs(fresh.losses[0] - expected) > 0.5, (fresh.losses[0], expected)
 
 
 def test_bad_checkpoints_are_refused_and_left_untouched(torchrun, tmp_path):
@@ -173,7 +176,7 @@ def test_bad_checkpoints_are_refused_and_left_untouched(torchrun, tmp_path):
     (error,) = resume("--num_key_value_heads", 2)  # wrong shapes
     assert "does not fit the model" in error and "k_proj.weight: checkpoint (128, 256) vs model (64, 256)" in error
     (error,) = resume("--num_hidden_layers", 3)
-    assert "layers.3.self_attn.q_proj.weight: unexpected" in error
+    assert "(9 tensors, first 5)" in error and re.search(r"layers\.3\.\S+: unexpected", error)
 
     original = rank_file.read_bytes()
     rank_file.write_bytes(original[: len(original) // 2])  # truncated file
