@@ -73,6 +73,16 @@ def torchrun_command(step, nproc, args):
             str(step_dir(step) / "train.py"), *[str(a) for a in args]]
 
 
+def flag_set(args):
+    """The command line as a sorted tuple of (flag, value) pairs: the same run, whatever the flag order."""
+    pairs, args = [], [str(a) for a in args]
+    for i, arg in enumerate(args):
+        if arg.startswith("--"):
+            has_value = i + 1 < len(args) and not args[i + 1].startswith("--")
+            pairs.append((arg, args[i + 1] if has_value else None))
+    return tuple(sorted(pairs, key=str))
+
+
 class Launcher:
     def __init__(self, tmp_root):
         self.tmp_root = tmp_root
@@ -80,7 +90,7 @@ class Launcher:
         self.counter = itertools.count()
 
     def __call__(self, step, nproc, *args, timeout=600, cwd=None, cached=True):
-        key = (step, nproc, tuple(str(a) for a in args), cwd)
+        key = (step, nproc, flag_set(args), cwd)
         if cached and key in self.cache:
             return self.cache[key]
         metrics_path = None
