@@ -44,7 +44,10 @@ def main():
                 stale.append(str(path.relative_to(ROOT)))
         else:
             path.write_text(patch)
-            print(f"wrote {path.relative_to(ROOT)} ({patch.count(chr(10))} lines)")
+            lines = patch.splitlines()
+            added = sum(1 for line in lines if line.startswith("+") and not line.startswith("+++"))
+            removed = sum(1 for line in lines if line.startswith("-") and not line.startswith("---"))
+            print(f"wrote {path.relative_to(ROOT)}: +{added} / −{removed} lines")
     if stale:
         print("stale patches (run python tools/make_patches.py): " + ", ".join(stale))
         sys.exit(1)
