@@ -169,6 +169,22 @@ def set_grad_sync(model, enabled):
         model.require_backward_grad_sync = enabled
 
 
+def forward_and_send(model, data_loader, held, losses, tensor_shapes, device, dtype):
+    """Receive this stage's input, run one micro-batch forward, send the output on and hold it for backward."""
+    input_tensor = recv_forward(tensor_shapes, device, dtype)
+    output_tensor = forward_step(model, data_loader, input_tensor, device, losses)
+    send_forward(output_tensor)
+    held.push(input_tensor, output_tensor)
+
+
+def backward_and_send(model, held, is_last_backward, tensor_shapes, device, dtype):
+    """Receive the gradient of the oldest micro-batch held, run its backward, send the input gradient back."""
+    set_grad_sync(model, is_last_backward)
+    output_grad = recv_backward(tensor_shapes, device, dtype)
+    input_grad = backward_step(*held.pop(), output_grad)
+    send_backward(input_grad)
+
+
 def train_step_pipeline_afab(model, data_loader, tensor_shapes, device, dtype):
     """All forward, all backward. tensor_shapes = (micro_batch_size, seq_len, hidden_size): the shape of
     every activation and gradient sent between stages. Returns the summed micro-batch losses on the last
@@ -177,16 +193,9 @@ def train_step_pipeline_afab(model, data_loader, tensor_shapes, device, dtype):
     held, losses = HeldActivations(), []
 
     for _ in range(grad_acc_steps):
-        input_tensor = recv_forward(tensor_shapes, device, dtype)
-        output_tensor = forward_step(model, data_loader, input_tensor, device, losses)
-        send_forward(output_tensor)
-        held.push(input_tensor, output_tensor)
-
+        forward_and_send(model, data_loader, held, losses, tensor_shapes, device, dtype)
     for micro_batch in range(grad_acc_steps):
-        set_grad_sync(model, micro_batch == grad_acc_steps - 1)
-        output_grad = recv_backward(tensor_shapes, device, dtype)
-        input_grad = backward_step(*held.pop(), output_grad)
-        send_backward(input_grad)
+        backward_and_send(model, held, micro_batch == grad_acc_steps - 1, tensor_shapes, device, dtype)
 
     log(f"afab: held at most {held.peak} micro-batches of activations (grad_acc_steps {grad_acc_steps})")
     return sum(losses, 0.0)
@@ -203,10 +212,7 @@ def train_step_pipeline_1f1b(model, data_loader, tensor_shapes, device, dtype):
     held, losses = HeldActivations(), []
 
     for _ in range(num_warmup):
-        input_tensor = recv_forward(tensor_shapes, device, dtype)
-        output_tensor = forward_step(model, data_loader, input_tensor, device, losses)
-        send_forward(output_tensor)
-        held.push(input_tensor, output_tensor)
+        forward_and_send(model, data_loader, held, losses, tensor_shapes, device, dtype)
 
     if num_steady > 0:
         input_tensor = recv_forward(tensor_shapes, device, dtype)
@@ -224,10 +230,7 @@ def train_step_pipeline_1f1b(model, data_loader, tensor_shapes, device, dtype):
             input_tensor = send_backward_recv_forward(input_grad, tensor_shapes, device, dtype)
 
     for micro_batch in range(num_warmup):
-        set_grad_sync(model, micro_batch == num_warmup - 1)
-        output_grad = recv_backward(tensor_shapes, device, dtype)
-        input_grad = backward_step(*held.pop(), output_grad)
-        send_backward(input_grad)
+        backward_and_send(model, held, micro_batch == num_warmup - 1, tensor_shapes, device, dtype)
 
     log(f"1f1b: held at most {held.peak} micro-batches of activations (grad_acc_steps {grad_acc_steps})")
     return sum(losses, 0.0)

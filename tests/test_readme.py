@@ -1,0 +1,55 @@
+"""Every torchrun command in the README parses, and its step table's line counts match the patches.
+
+The commands' runs themselves are exercised elsewhere (the training, parallel-layout and sanity-check
+tests); here each one goes through its step's own argument parser, as torchrun would start it, and
+its process count must equal tp x pp x dp.
+"""
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, import_step, run_env
+
+README = (ROOT / "README.md").read_text()
+COMMANDS = sorted(set(re.findall(r"torchrun --nproc_per_node \d+ [^`\n|]*?train\.py[^`\n|]*", README)))
+
+
+def test_readme_has_a_command_for_every_step():
+    steps = {re.search(r"(step\d+)_", c).group(1) for c in COMMANDS}
+    assert steps == {f"step{n}" for n in range(1, 9)}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_readme_command_parses(command, monkeypatch):
+    words = shlex.split(command.strip().rstrip("\\"))
+    nproc, script, args = int(words[2]), words[3], words[4:]
+    assert (ROOT / script).is_file(), script
+    step = re.search(r"(step\d+)_", script).group(1)
+    train = import_step(step, "train")
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    parsed = train.parse_args()
+    layout = [getattr(parsed, f"{kind}_size", 1) for kind in ("tp", "pp", "dp")]
+    assert nproc == layout[0] * layout[1] * layout[2], (command, layout)
+
+
+def test_step_table_line_counts_match_the_patches():
+    rows = re.findall(r"^\| `(step\d+)_\w+/` \|.*\| \+(\d+) / −(\d+) \|$", README, flags=re.MULTILINE)
+    assert len(rows) == 7  # steps 2..8 each have a patch
+    for step, added, removed in rows:
+        folder = next(ROOT.glob(f"{step}_*"))
+        patch = (folder / f"patch_{step.replace('step', 'step_')}.diff").read_text().splitlines()
+        assert int(added) == sum(1 for line in patch if line.startswith("+") and not line.startswith("+++")), step
+        assert int(removed) == sum(1 for line in patch if line.startswith("-") and not line.startswith("---")), step
+
+
+def test_a_step_runs_from_inside_its_folder(tmp_path):
+    """As in the original README: `cd step3_dataloader && torchrun --nproc_per_node 1 train.py ...`."""
+    folder = next(ROOT.glob("step3_*"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py",
+               "--seq_len", "32", "--micro_batch_size", "2", "--gradient_accumulation_steps", "1", "--max_tokens", "128"]
+    proc = subprocess.run(command, cwd=folder, env=run_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Step: 2 " in proc.stdout and "assets/tiny_llama" in proc.stdout
