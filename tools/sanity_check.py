@@ -12,7 +12,7 @@ check with the same global batch (micro_batch_size x gradient_accumulation_steps
 then prints a table (final loss, max |dloss| against the baseline over all steps) and draws the
 loss curves plus |dloss| on a log scale.
 
-    python tools/sanity_check.py                        # embedded defaults on the CPU, ~10 min on 2 cores
+    python tools/sanity_check.py                        # embedded defaults on the CPU, ~4 min on 2 cores
     python tools/sanity_check.py --model_name TinyLlama/TinyLlama_v1.1 --dataset_name roneneldan/TinyStories \\
         --num_hidden_layers 22 --num_attention_heads 32 --num_key_value_heads 4 --seq_len 1024 \\
         --micro_batch_size 4 --gradient_accumulation_steps 8 --max_tokens 4096000 --num_proc 16 \\
@@ -61,6 +61,7 @@ def parse_args(argv=None):
     parser.add_argument("--out_dir", type=Path, default=ROOT / "runs" / "sanity_check", help="metrics files and logs")
     parser.add_argument("--plot", type=Path, default=ROOT / "assets" / "sanity_check_cpu.png")
     parser.add_argument("--table", type=Path, default=ROOT / "assets" / "sanity_check_cpu.md")
+    parser.add_argument("--replot", action="store_true", help="redraw from the metrics files in --out_dir, no runs")
     return parser.parse_args(argv)
 
 
@@ -125,20 +126,21 @@ def plot(losses, path):
 
     base = losses["baseline"]
     fig, (ax_loss, ax_delta) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, curve in losses.items():
+    for color, (name, curve) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], losses.items()):
         steps = range(1, len(curve) + 1)
-        ax_loss.plot(steps, curve, label=name, linewidth=1.5, alpha=0.8)
+        ax_loss.plot(steps, curve, label=name, color=color, linewidth=1.5, alpha=0.8)
         if name != "baseline":
-            # exact zeros (a layout bit-identical to the baseline) cannot sit on a log axis
+            # exact zeros (a layout bit-identical to the baseline) cannot sit on a log axis: draw them at 1e-9
             deltas = [max(abs(a - b), 1e-9) for a, b in zip(curve, base)]
-            ax_delta.plot(steps, deltas, label=name, marker=".", linewidth=1)
-    ax_loss.set(xlabel="optimizer step", ylabel="loss", title="Loss per layout")
-    ax_delta.set(xlabel="optimizer step", ylabel="|loss - baseline loss|", yscale="log",
-                 title="Difference from the single-process baseline")
+            ax_delta.plot(steps, deltas, label=name, color=color, marker=".", linewidth=1)
+    ax_loss.set(xlabel="optimizer step", ylabel="loss", title="Loss per layout (the curves overlap)")
+    ax_delta.set(xlabel="optimizer step", ylabel="|loss - baseline loss|  (exact 0 drawn at 1e-9)", yscale="log",
+                 ylim=(5e-10, 1e-2), title="Difference from the single-process baseline")
     ax_delta.axhline(1e-4, color="gray", linestyle="--", linewidth=1, label="1e-4 (parity bound)")
+    ax_loss.legend()
+    ax_delta.legend(loc="upper left", ncol=3, fontsize="small")
     for ax in (ax_loss, ax_delta):
         ax.grid(alpha=0.3)
-        ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -148,7 +150,11 @@ def main(argv=None):
     args = parse_args(argv)
     if "baseline" not in args.layouts:
         args.layouts.insert(0, "baseline")
-    losses = run_layouts(args)
+    if args.replot:
+        losses = {name: [json.loads(line)["loss"] for line in (args.out_dir / f"{name}.jsonl").read_text().splitlines()]
+                  for name in args.layouts}
+    else:
+        losses = run_layouts(args)
     rows = summarize(losses)
     table = format_table(rows)
     print(table)
