@@ -71,10 +71,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)  # [batch, kv_heads, seq, head_dim]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         # Grouped-query attention: each key/value head serves heads/kv_heads consecutive query heads.
-        group = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(group, dim=1)  # [batch, heads, seq, head_dim]
-        v = v.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [batch, heads, seq, head_dim]
+        # enable_gqa lets the kernel share them without materialising repeated copies of k and v.
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # [batch, heads, seq, head_dim]
         out = out.transpose(1, 2).reshape(batch, seq, -1)  # [batch, seq, heads * head_dim]
         return self.o_proj(out)
 

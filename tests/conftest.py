@@ -19,7 +19,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 STEP_MODULES = ("model", "utils", "process_group_manager", "dataloader", "tensor_parallel", "data_parallel",
-                "pipeline_parallel", "checkpoint")
+                "pipeline_parallel", "checkpoint", "train")
 
 
 def step_dir(step):
@@ -90,7 +90,7 @@ class Launcher:
         self.counter = itertools.count()
 
     def __call__(self, step, nproc, *args, timeout=600, cwd=None, cached=True):
-        key = (step, nproc, flag_set(args), cwd)
+        key = (step, nproc, flag_set(args), cwd, os.environ.get("VERBOSE"))
         if cached and key in self.cache:
             return self.cache[key]
         metrics_path = None

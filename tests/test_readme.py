@@ -53,3 +53,20 @@ def test_a_step_runs_from_inside_its_folder(tmp_path):
     proc = subprocess.run(command, cwd=folder, env=run_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Step: 2 " in proc.stdout and "assets/tiny_llama" in proc.stdout
+
+
+TOOLS = sorted(set(re.findall(r"python (tools/\w+\.py)", README)))
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_readme_tools_start(tool, tmp_path):
+    """The benchmarks take minutes and are not run here; every tool the README names must at least import
+    and parse its options (the patch, asset and sanity tools also run for real in other tests)."""
+    proc = subprocess.run([sys.executable, str(ROOT / tool), "--help"], cwd=ROOT, env=run_env(tmp_path),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage:" in proc.stdout
+
+
+def test_readme_names_every_tool():
+    assert {f"tools/{p.name}" for p in (ROOT / "tools").glob("*.py")} == set(TOOLS)
