@@ -56,8 +56,9 @@ def main():
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     setup_process_group_manager(args.tp_size, args.pp_size, args.dp_size)
     grid = pgm.process_group_manager
+    # One write per line (end=""): every rank prints here, and a separate newline write could interleave.
     print(f"rank {grid.global_rank}: {grid} | tp group {grid.tp_group_ids} | pp group {grid.pp_group_ids} "
-          f"| dp group {grid.dp_group_ids} | pp prev {grid.pp_prev_rank} next {grid.pp_next_rank}", flush=True)
+          f"| dp group {grid.dp_group_ids} | pp prev {grid.pp_prev_rank} next {grid.pp_next_rank}\n", end="", flush=True)
     set_all_seed(args.seed)
     model = Llama(config).to(device=device, dtype=dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
