@@ -1,5 +1,6 @@
 """Step 3: the dataloader and the real training loop: tokenized text, gradient accumulation,
---max_tokens, and a log line (plus --metrics_file / --use_wandb) per optimizer step.
+--max_tokens, a log line (plus --metrics_file / --use_wandb) per optimizer step, and checkpoints
+(--save_dir / --resume / --init_from_hf, checkpoint.py).
 
     torchrun --nproc_per_node 1 step3_dataloader/train.py
 """

@@ -1,4 +1,4 @@
-"""Helpers shared by train.py: seeding, device/dtype choice, config loading, errors, formatting."""
+"""Helpers shared by train.py: seeding, device/dtype choice, config loading, errors, formatting, metrics."""
 import json
 import os
 import random

@@ -1,4 +1,5 @@
-"""Helpers shared by train.py: seeding, device/dtype choice, config loading, errors, formatting, loss averaging."""
+"""Helpers shared by train.py: seeding, device/dtype choice, config loading, errors, formatting, metrics,
+loss averaging."""
 import json
 import os
 import random
