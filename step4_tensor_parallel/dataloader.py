@@ -106,9 +106,7 @@ class MicroBatchDataLoader(DataLoader):
         }
 
     def __iter__(self):
-        if self._iterator is None:
-            self._iterator = super().__iter__()
-        return self
+        return self  # an endless stream of micro-batches; __next__ starts each epoch's DataLoader iterator
 
     def __next__(self):
         if self._iterator is None:
