@@ -1,0 +1,146 @@
+"""Helpers shared by train.py: seeding, device/dtype choice, config loading, errors, formatting, metrics,
+loss averaging."""
+import json
+import os
+import random
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import process_group_manager as pgm
+
+# The embedded offline defaults (tools/make_assets.py makes them).
+ASSETS = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "assets"))
+DEFAULT_MODEL = os.path.join(ASSETS, "tiny_llama")
+
+
+def fail(message, every_rank=False):
+    """Stop this rank with one clear line. Most checks run on every rank and reach the same verdict:
+    then only rank 0 prints, and the others wait a moment so that its line is the one torchrun shows.
+    A problem only some ranks see (every_rank=True) is printed by each of them."""
+    rank = int(os.environ.get("RANK", "0"))
+    if every_rank:
+        print(f"error: [rank {rank}] {message}", file=sys.stderr, flush=True)
+    elif rank == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(2)
+    sys.exit(1)
+
+
+def set_all_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name, local_rank):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            fail("--device cuda was asked for but no CUDA device is available (use --device cpu)")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def resolve_dtype(name, device):
+    # bf16 on GPUs (tensor cores); fp32 on CPUs, where bf16 matmuls are slow and the parity checks run.
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_config(args):
+    """The model config from a local directory or a hub name, with the command line's overrides."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(args.model_name)
+    except (OSError, ValueError) as error:
+        if os.path.isdir(args.model_name):
+            fail(f"cannot load the model config in {args.model_name!r}: {error}")
+        fail(f"cannot load model {args.model_name!r}: it is not a local directory and the Hugging Face hub "
+             f"did not provide it (offline or unknown name). The embedded tiny model works offline: "
+             f"--model_name {os.path.relpath(DEFAULT_MODEL)}")
+    for name in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
+        if getattr(args, name, None) is not None:
+            setattr(config, name, getattr(args, name))
+    if config.hidden_size % config.num_attention_heads != 0:
+        fail(f"hidden_size {config.hidden_size} is not divisible by num_attention_heads {config.num_attention_heads}")
+    if config.num_attention_heads % config.num_key_value_heads != 0:
+        fail(f"num_attention_heads {config.num_attention_heads} is not divisible by "
+             f"num_key_value_heads {config.num_key_value_heads}")
+    config.head_dim = config.hidden_size // config.num_attention_heads
+    return config
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports kB
+
+
+def to_readable_format(num, precision=2):
+    for limit, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(num) >= limit:
+            return f"{num / limit:.{precision}f}{suffix}"
+    return f"{num:.{precision}f}"
+
+
+def wandb_mode():
+    """'online' when W&B credentials are configured, else 'offline' (no login prompt, no network)."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc_path = os.environ.get("NETRC", os.path.expanduser("~/.netrc"))
+    if os.path.exists(netrc_path) and "wandb" in open(netrc_path).read():
+        return "online"
+    return "offline"
+
+
+class MetricsLogger:
+    """Per-step numbers to stdout, to a JSON Lines file (--metrics_file) and to Weights & Biases."""
+
+    def __init__(self, metrics_file=None, use_wandb=False, run_name=None, config=None):
+        self.file = None
+        if metrics_file:
+            os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
+            self.file = open(metrics_file, "w")
+        self.wandb = None
+        if use_wandb:
+            import wandb
+
+            mode = wandb_mode()
+            if mode == "offline":
+                print("wandb: no credentials found, logging offline (upload later with `wandb sync`)", flush=True)
+            self.wandb = wandb.init(project="picotron_tutorial", name=run_name, config=config, mode=mode)
+
+    def log(self, metrics):
+        if self.file:
+            self.file.write(json.dumps(metrics) + "\n")
+            self.file.flush()
+        if self.wandb:
+            self.wandb.log(metrics, step=metrics["step"])
+
+    def close(self):
+        if self.file:
+            self.file.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def average_loss_across_dp_cp_ranks(loss, device):
+    """Mean of a python float over the data- and context-parallel ranks: each rank saw only its share of
+    the global batch's sequences and of their tokens (equal shares, so the mean of means is the mean).
+    float64 so that averaging adds no rounding of its own; SUM then divide (gloo has no AVG)."""
+    grid = pgm.process_group_manager
+    total = torch.tensor(loss, dtype=torch.float64, device=device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=grid.cp_dp_group)
+    return total.item() / grid.cp_dp_world_size
