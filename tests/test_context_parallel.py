@@ -1,0 +1,176 @@
+"""Context parallelism (step9): ring attention against full causal attention, the load balance of the zigzag
+split, per-step parity with the single-process step3 baseline in cp layouts up to 4D, step9 with cp 1
+equal to step8, the grid with a cp axis, and bad layouts."""
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+
+from conftest import ROOT, import_step, max_abs_diff, run_env
+
+# The same global batch of 4 sequences as the 3D test in test_pipeline_parallel.py (so the step3 baseline
+# and the step8 run are shared with it through the run cache): micro_batch_size x grad_acc x dp_size = 4.
+COMMON = ["--seq_len", 32, "--learning_rate", 1e-3, "--gradient_accumulation_steps", 2, "--max_tokens", 20 * 4 * 32]
+BASELINE = ("step3", 1, "--micro_batch_size", 2)
+STEP8_3D = ("step8", 8, "--micro_batch_size", 1, "--tp_size", 2, "--pp_size", 2, "--dp_size", 2, "--pp_engine", "1f1b")
+LAYOUTS = {
+    "cp2": ("step9", 2, "--micro_batch_size", 2, "--cp_size", 2),
+    "cp4": ("step9", 4, "--micro_batch_size", 2, "--cp_size", 4),
+    "cp2_tp2": ("step9", 4, "--micro_batch_size", 2, "--cp_size", 2, "--tp_size", 2),
+    "cp2_dp2": ("step9", 4, "--micro_batch_size", 1, "--cp_size", 2, "--dp_size", 2),
+    "cp2_pp2_1f1b": ("step9", 4, "--micro_batch_size", 2, "--cp_size", 2, "--pp_size", 2, "--pp_engine", "1f1b"),
+    "cp2_tp2_pp2_1f1b": ("step9", 8, "--micro_batch_size", 2, "--cp_size", 2, "--tp_size", 2, "--pp_size", 2,
+                         "--pp_engine", "1f1b"),
+}
+STEP9_3D_CP1 = ("step9", *STEP8_3D[1:])
+
+
+@pytest.fixture(scope="module")
+def runs(torchrun):
+    """Every launch of this module, two at a time (each is mostly interpreter start-up). The cp2 run prints
+    its ring exchanges (VERBOSE=1 is part of the run cache key)."""
+    launches = {"baseline": BASELINE, "step8_3d": STEP8_3D, "step9_3d_cp1": STEP9_3D_CP1, **LAYOUTS}
+
+    def launch(item):
+        name, (step, nproc, *args) = item
+        with mock.patch.dict(os.environ, {"VERBOSE": "1" if name == "cp2" else "0"}):
+            return name, torchrun(step, nproc, *COMMON, *args)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(launch, launches.items()))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_losses_match_the_single_process_baseline(runs, layout):
+    reference, run = runs["baseline"], runs[layout]
+    assert reference.returncode == 0, reference
+    assert run.returncode == 0, run
+    assert len(reference.losses) == len(run.losses) == 20
+    assert reference.losses[-1] < reference.losses[0] - 1.0, reference.losses  # learning, so parity is not trivial
+    assert abs(run.losses[0] - reference.losses[0]) <= 1e-5, (run.losses[0], reference.losses[0])
+    assert max_abs_diff(run.losses, reference.losses) <= 1e-4, (run.losses, reference.losses)
+
+
+def test_step9_with_cp_1_reproduces_step8_exactly(runs):
+    """tp 2 x pp 2 x dp 2 (1F1B): with cp_size 1 step 9 runs step 8's attention and the same averaging."""
+    step8, step9 = runs["step8_3d"], runs["step9_3d_cp1"]
+    assert step8.returncode == 0, step8
+    assert step9.returncode == 0, step9
+    assert len(step8.losses) == 20
+    assert step9.losses == step8.losses
+
+
+def test_verbose_prints_ring_exchanges_and_the_computed_parts(runs):
+    run = runs["cp2"]
+    assert run.returncode == 0, run
+    # per attention layer (4) and micro-batch (2 x 20 steps): one kv hop forward, one kv hop and two dkv hops backward
+    kv_sends = re.findall(r"\[rank 0 \| cp 0/2\] ring exchange: send kv \(2, 2, 4, 16, 32\) -> rank 1, recv <- rank 1\n",
+                          run.stdout)
+    dkv_sends = re.findall(r"\[rank 1 \| cp 1/2\] ring exchange: send dkv \(2, 2, 4, 16, 32\) -> rank 0", run.stdout)
+    assert len(kv_sends) == 2 * 4 * 2 * 20
+    assert len(dkv_sends) == 2 * 4 * 2 * 20
+    # rank 0 holds chunks (0, 3), rank 1 chunks (1, 2): on the second step rank 0's back half sees all of rank 1's
+    # keys and its front half nothing; rank 1 sees the front chunk of rank 0 and skips its back chunk.
+    assert ("[rank 0 | cp 0/2] forward step 2/2, kv of cp rank 1: queries [back half] x keys [all] full, "
+            "queries [front half] skipped\n") in run.stdout
+    assert ("[rank 1 | cp 1/2] forward step 2/2, kv of cp rank 0: queries [all] x keys [front half] full, "
+            "keys [back half] skipped\n") in run.stdout
+    assert "[rank 1 | cp 1/2] forward step 1/2, kv of cp rank 1: queries [all] x keys [all] causal diagonal\n" in run.stdout
+
+
+@pytest.fixture(scope="module")
+def ring_check(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ring") / "ring.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+               str(ROOT / "tests" / "cp_attention_check.py"), str(out)]
+    proc = subprocess.run(command, cwd=ROOT, env=run_env(out.parent), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {int(cp_size): result for cp_size, result in json.loads(out.read_text()).items()}
+
+
+@pytest.mark.parametrize("cp_size", [2, 4])
+def test_ring_attention_equals_full_causal_attention(ring_check, cp_size):
+    """Output and q/k/v gradients of every rank's tokens against scaled_dot_product_attention on the whole
+    sequence, with grouped-query attention (8 heads, 2 kv heads)."""
+    differences = ring_check[cp_size]["max_differences"]
+    assert set(differences) == {"output", "grad_q", "grad_k", "grad_v"}
+    for name, difference in differences.items():
+        assert difference <= 1e-5, (name, difference)
+
+
+def causal_pairs(positions):
+    """(query, key) pairs causal attention needs for these query positions: the one at p sees keys 0..p."""
+    return sum(p + 1 for p in positions)
+
+
+@pytest.mark.parametrize("cp_size", [2, 4])
+def test_zigzag_split_balances_the_work_and_a_contiguous_one_would_not(ring_check, cp_size):
+    ranks = ring_check[cp_size]["ranks"]
+    seq_len = len(ranks[0]["positions"]) * cp_size
+    # Each cp group's ranks hold disjoint positions that together are the whole sequence.
+    groups = {}
+    for rank in ranks:
+        groups.setdefault(rank["cp_rank"], set()).update(rank["positions"])
+    assert sorted(p for cp_rank in range(cp_size) for p in groups[cp_rank]) == list(range(seq_len))
+    # What ring attention computed (counted per batch and head) is exactly what the causal mask leaves of
+    # each rank's queries: nothing wasted, nothing missing, and the same on every rank.
+    computed = [rank["pairs"] for rank in ranks]
+    assert computed == [causal_pairs(rank["positions"]) for rank in ranks]
+    assert len(set(computed)) == 1
+    num_rings = len(ranks) // cp_size
+    assert sum(computed) == num_rings * seq_len * (seq_len + 1) // 2
+    # A contiguous split of the same sequence: rank r holds positions [r * seq / cp, (r + 1) * seq / cp).
+    local = seq_len // cp_size
+    contiguous = [causal_pairs(range(r * local, (r + 1) * local)) for r in range(cp_size)]
+    assert sum(contiguous) == seq_len * (seq_len + 1) // 2
+    assert contiguous == sorted(contiguous) and contiguous[-1] > 2 * contiguous[0], contiguous
+    print(f"cp {cp_size}, seq {seq_len}: zigzag pairs per rank {computed[0]}, contiguous {contiguous}")
+
+
+def test_zigzag_indices_take_a_chunk_from_the_front_and_its_mirror_from_the_back():
+    cp = import_step("step9", "context_parallel")
+    assert [cp.zigzag_indices(8, 2, r).tolist() for r in range(2)] == [[0, 1, 6, 7], [2, 3, 4, 5]]
+    assert [cp.zigzag_indices(8, 4, r).tolist() for r in range(4)] == [[0, 7], [1, 6], [2, 5], [3, 4]]
+
+
+def test_grid_has_a_cp_axis_between_tp_and_pp():
+    pgm = import_step("step9", "process_group_manager")
+    groups = pgm.grid_groups(2, 2, 2, 1)  # tp, cp, pp, dp
+    assert groups["tp"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert groups["cp"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert groups["pp"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert groups["cp_dp"] == groups["cp"]  # dp 1: the ranks that share weights are the cp group
+    groups = pgm.grid_groups(1, 2, 1, 2)
+    assert groups["cp_dp"] == [[0, 1, 2, 3]] and groups["dp"] == [[0, 2], [1, 3]]
+    for rank in range(16):
+        coordinates = pgm.grid_coordinates(rank, 2, 2, 2)
+        assert pgm.grid_rank(*coordinates, 2, 2, 2) == rank
+    config = SimpleNamespace(num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=4, intermediate_size=768,
+                             vocab_size=4096, tie_word_embeddings=False)
+    assert pgm.validate_layout(8, 2, 2, 2, 1, config, seq_len=32) == []
+    assert pgm.validate_layout(4, 1, 4, 1, 1, config, seq_len=20) == ["seq_len 20 is not divisible by 2 x cp_size = 8"]
+
+
+BAD = {
+    "seq_len_vs_cp": (2, ["--cp_size", 2, "--seq_len", 30], "seq_len 30 is not divisible by 2 x cp_size = 4"),
+    "world_size": (4, ["--cp_size", 2, "--tp_size", 1], "world size 4 != dp_size 1 x pp_size 1 x cp_size 2 x tp_size 1 = 2"),
+}
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_cp_layout_is_one_clear_line(torchrun, name):
+    nproc, args, message = BAD[name]
+    start = time.time()
+    run = torchrun("step9", nproc, *args, "--max_tokens", 64, cached=False, timeout=120)
+    assert time.time() - start < 60
+    assert run.returncode != 0
+    error_lines = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and message in error_lines[0], run
+    assert "Step: 1" not in run.stdout
