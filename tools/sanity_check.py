@@ -1,4 +1,4 @@
-"""The tutorial's sanity check, made numeric: train the same run in five layouts and compare losses.
+"""The tutorial's sanity check, made numeric: train the same run in six layouts and compare losses.
 
 Runs, each through torchrun with a --metrics_file, the layouts of the original tutorial's sanity
 check with the same global batch (micro_batch_size x gradient_accumulation_steps x dp_size):
@@ -8,6 +8,7 @@ check with the same global batch (micro_batch_size x gradient_accumulation_steps
     dp4       step6, --dp_size 4 (bucketed data parallel), micro batch / 4
     pp4_1f1b  step8, --pp_size 4 --pp_engine 1f1b
     3d        step8, --tp_size 2 --pp_size 2 --dp_size 2 --pp_engine 1f1b, micro batch / 2
+    cp4       step9, --cp_size 4 (context parallel: every sequence split over 4 ranks)
 
 then prints a table (final loss, max |dloss| against the baseline over all steps) and draws the
 loss curves plus |dloss| on a log scale.
@@ -35,6 +36,7 @@ LAYOUTS = {
     "pp4_1f1b": ("step8_pipeline_parallel_1f1b", 4, ["--pp_size", "4", "--pp_engine", "1f1b"], 1),
     "3d": ("step8_pipeline_parallel_1f1b", 8, ["--tp_size", "2", "--pp_size", "2", "--dp_size", "2",
                                                 "--pp_engine", "1f1b"], 2),
+    "cp4": ("step9_context_parallel", 4, ["--cp_size", "4"], 1),
 }
 PASSED_THROUGH = ("model_name", "dataset_name", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                   "seq_len", "gradient_accumulation_steps", "max_tokens", "learning_rate", "seed", "num_proc",
