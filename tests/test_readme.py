@@ -2,7 +2,7 @@
 
 The commands' runs themselves are exercised elsewhere (the training, parallel-layout and sanity-check
 tests); here each one goes through its step's own argument parser, as torchrun would start it, and
-its process count must equal tp x pp x dp.
+its process count must equal tp x cp x pp x dp.
 """
 import re
 import shlex
@@ -19,7 +19,7 @@ COMMANDS = sorted(set(re.findall(r"torchrun --nproc_per_node \d+ [^`\n|]*?train\
 
 def test_readme_has_a_command_for_every_step():
     steps = {re.search(r"(step\d+)_", c).group(1) for c in COMMANDS}
-    assert steps == {f"step{n}" for n in range(1, 9)}
+    assert steps == {f"step{n}" for n in range(1, 10)}
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -31,13 +31,13 @@ def test_readme_command_parses(command, monkeypatch):
     train = import_step(step, "train")
     monkeypatch.setattr(sys, "argv", [script, *args])
     parsed = train.parse_args()
-    layout = [getattr(parsed, f"{kind}_size", 1) for kind in ("tp", "pp", "dp")]
-    assert nproc == layout[0] * layout[1] * layout[2], (command, layout)
+    layout = [getattr(parsed, f"{kind}_size", 1) for kind in ("tp", "cp", "pp", "dp")]
+    assert nproc == layout[0] * layout[1] * layout[2] * layout[3], (command, layout)
 
 
 def test_step_table_line_counts_match_the_patches():
     rows = re.findall(r"^\| `(step\d+)_\w+/` \|.*\| \+(\d+) / −(\d+) \|$", README, flags=re.MULTILINE)
-    assert len(rows) == 7  # steps 2..8 each have a patch
+    assert len(rows) == 8  # steps 2..9 each have a patch
     for step, added, removed in rows:
         folder = next(ROOT.glob(f"{step}_*"))
         patch = (folder / f"patch_{step.replace('step', 'step_')}.diff").read_text().splitlines()
