@@ -75,8 +75,6 @@ class ProcessGroupManager:
         self.dp_group_ids = next(g for g in groups["dp"] if self.global_rank in g)
 
         self.tp_world_size, self.pp_world_size, self.dp_world_size = tp_size, pp_size, dp_size
-        self.tp_first_rank, self.tp_last_rank = self.tp_group_ids[0], self.tp_group_ids[-1]
-        self.pp_first_rank, self.pp_last_rank = self.pp_group_ids[0], self.pp_group_ids[-1]
         self.pp_is_first_stage = self.pp_rank == 0
         self.pp_is_last_stage = self.pp_rank == pp_size - 1
         # Neighbouring stages (global ranks) for point-to-point sends; None at the ends of the pipeline.
