@@ -117,7 +117,8 @@ def measure_matmul_flops(device, dtype, seconds=0.25):
     """The best FLOPs/s of square matmuls repeated for about `seconds`: a practical peak where no datasheet
     applies. On a CPU it uses this process's torch.get_num_threads() threads, as training does."""
     size = 4096 if device.type == "cuda" else 1024  # big enough that a GPU's launch overhead is negligible
-    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    generator = torch.Generator(device).manual_seed(0)  # leaves the training's random stream alone
+    a, b = (torch.randn(size, size, device=device, dtype=dtype, generator=generator) for _ in range(2))
     torch.mm(a, b)  # warm-up: thread pools, kernel selection
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
