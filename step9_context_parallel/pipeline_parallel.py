@@ -13,8 +13,11 @@ Tied embeddings are refused when pp_size > 1 (validate_layout): the shared weigh
 stages and need its own gradient all-reduce between them.
 
 VERBOSE=1 prints every send/recv (rank, direction, peer, shape) so the schedule can be followed.
+PIPELINE_TIMELINE=DIR records when each stage ran each forward and backward (tools/pipeline_timeline.py draws it).
 """
+import json
 import os
+import time
 from collections import deque
 
 import torch
@@ -26,6 +29,7 @@ import process_group_manager as pgm
 from model import rotary_cos_sin
 
 VERBOSE = os.environ.get("VERBOSE", "0") == "1"
+TIMELINE_DIR = os.environ.get("PIPELINE_TIMELINE")
 
 
 def log(message):
@@ -33,6 +37,31 @@ def log(message):
         grid = pgm.process_group_manager
         # One write per line: ranks share the terminal, and print's separate newline write could interleave.
         print(f"[rank {grid.global_rank} | stage {grid.pp_rank}/{grid.pp_world_size}] {message}\n", end="", flush=True)
+
+
+def now():
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # on a GPU: when the kernels ran, not when they were queued
+    return time.time()  # one clock for every process on the machine
+
+
+def timeline(kind):
+    """Decorator: with PIPELINE_TIMELINE=DIR set, every call appends {"stage", "kind", "start", "end"} to
+    DIR/rank_<global rank>.jsonl. Unset, the function is returned as it is: the schedules pay nothing."""
+    def decorate(function):
+        if not TIMELINE_DIR:
+            return function
+
+        def timed(*args, **kwargs):
+            start = now()
+            result = function(*args, **kwargs)
+            end = now()
+            grid = pgm.process_group_manager
+            with open(os.path.join(TIMELINE_DIR, f"rank_{grid.global_rank}.jsonl"), "a") as file:
+                file.write(json.dumps({"stage": grid.pp_rank, "kind": kind, "start": start, "end": end}) + "\n")
+            return result
+        return timed
+    return decorate
 
 
 def stage_layer_range(num_layers, pp_size, pp_rank):
@@ -124,6 +153,7 @@ def send_backward_recv_forward(input_grad, shape, device, dtype):
     return None if received is None else received.requires_grad_()
 
 
+@timeline("forward")
 def forward_step(model, data_loader, input_tensor, device, losses):
     """One micro-batch through this stage. Every stage draws every micro-batch, so all stages agree on the
     positions. The last stage returns the loss, scaled by 1/grad_acc_steps exactly as train_step does,
@@ -140,6 +170,7 @@ def forward_step(model, data_loader, input_tensor, device, losses):
     return loss
 
 
+@timeline("backward")
 def backward_step(input_tensor, output_tensor, output_grad):
     """Backpropagate one micro-batch through this stage; returns the gradient for the previous stage."""
     # On the last stage output_tensor is the scalar loss and output_grad is None (d loss / d loss = 1).

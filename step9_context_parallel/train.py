@@ -20,8 +20,9 @@ from model import Llama
 from pipeline_parallel import PipelineParallel, train_step_pipeline_1f1b, train_step_pipeline_afab
 from process_group_manager import setup_process_group_manager, validate_layout
 from tensor_parallel import apply_tensor_parallel
-from utils import (DEFAULT_MODEL, MetricsLogger, average_loss_across_dp_cp_ranks, fail, load_config, peak_memory_gb,
-                   resolve_device, resolve_dtype, set_all_seed, to_readable_format)
+from utils import (DEFAULT_MODEL, MetricsLogger, average_loss_across_dp_cp_ranks, fail, flops_per_token,
+                   load_config, peak_flops_per_device, peak_memory_gb, resolve_device, resolve_dtype, set_all_seed,
+                   to_readable_format)
 
 
 def parse_args():
@@ -58,6 +59,9 @@ def parse_args():
                         help="Hugging Face Llama directory (model.safetensors or an index) to start from")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="peak TFLOPs of one device, for MFU (default: a known GPU's datasheet figure, "
+                             "or a short matmul measurement on a CPU)")
     return parser.parse_args()
 
 
@@ -97,6 +101,8 @@ def main():
     errors = validate_layout(world_size, args.tp_size, args.cp_size, args.pp_size, args.dp_size, config, args.seq_len)
     if args.bucket_size_mb <= 0:
         errors.append(f"--bucket_size_mb must be positive (got {args.bucket_size_mb})")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        errors.append(f"--peak_tflops must be positive (got {args.peak_tflops})")
     if args.resume and not args.save_dir:
         errors.append("--resume needs --save_dir")
     if errors:
@@ -134,6 +140,11 @@ def main():
     if is_logging_rank:
         print(f"model: {args.model_name} | {to_readable_format(num_params)} parameters | device {device} {dtype} "
               f"| {len(data_loader.tokenized_dataset)} chunks of {args.seq_len + 1} tokens", flush=True)
+        # MFU counts the whole model's FLOPs whatever this rank holds, and each device's share of them.
+        model_flops_per_token = flops_per_token(config, args.seq_len)
+        peak_flops, peak_source = peak_flops_per_device(device, dtype, args.peak_tflops)
+        print(f"FLOPs per token: {to_readable_format(model_flops_per_token)} | peak per device: "
+              f"{peak_flops / 1e12:.3f} TFLOPs ({peak_source})", flush=True)
 
     tokens_per_step = data_loader.global_batch_size * args.seq_len
     # activations between stages: this cp rank's tokens only
@@ -163,12 +174,15 @@ def main():
 
         if is_logging_rank:
             tokens_per_second = tokens_per_step / step_duration
+            flops_per_device = tokens_per_second * model_flops_per_token / world_size  # achieved FLOPs/s
             metrics = {"step": step, "loss": loss, "tokens": trained_tokens, "tokens_per_second": tokens_per_second,
                        "tokens_per_second_per_device": tokens_per_second / world_size,
+                       "tflops_per_device": flops_per_device / 1e12, "mfu": flops_per_device / peak_flops,
                        "memory_gb": peak_memory_gb(device)}
             print(f"Step: {step:<4d} | Loss: {loss:.4f} | Global batch size: {to_readable_format(tokens_per_step)} "
                   f"| Tokens/s: {to_readable_format(tokens_per_second)} "
                   f"| Tokens/s/device: {to_readable_format(tokens_per_second / world_size)} "
+                  f"| TFLOPs/device: {flops_per_device / 1e12:.3f} | MFU: {metrics['mfu']:.1%} "
                   f"| Tokens: {to_readable_format(trained_tokens)}/{to_readable_format(args.max_tokens)} "
                   f"| Memory: {metrics['memory_gb']:.2f}GB", flush=True)
             logger.log(metrics)

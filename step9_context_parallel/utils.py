@@ -1,5 +1,5 @@
 """Helpers shared by train.py: seeding, device/dtype choice, config loading, errors, formatting, metrics,
-loss averaging."""
+FLOPs and peak FLOPs (MFU), loss averaging."""
 import json
 import os
 import random
@@ -84,6 +84,66 @@ def peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports kB
+
+
+def flops_per_token(config, seq_len):
+    """Training FLOPs per token of the whole model (not this rank's shard), by the PaLM convention
+    (Chowdhery et al. 2022, appendix B): 6 * N + 12 * L * h * s.
+
+    N counts the matmul weights: q, k, v, o, gate, up and down of every layer and the LM head; not the
+    embedding table (a lookup) nor the norms. Each weight costs 2 FLOPs per token forward (multiply, add)
+    and 4 backward (the input's gradient and the weight's). 12 * L * h * s is attention's two matmuls,
+    q @ k^T and scores @ v: 4 * h * s per token and layer forward, twice that backward, counted as if
+    unmasked (the causal mask saves half of it in a flash kernel, the convention ignores that)."""
+    h, layers, head_dim = config.hidden_size, config.num_hidden_layers, config.head_dim
+    q_size, kv_size = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    attention = h * q_size + 2 * h * kv_size + q_size * h  # q, k, v, o
+    mlp = 3 * h * config.intermediate_size  # gate, up, down
+    matmul_params = layers * (attention + mlp) + h * config.vocab_size  # + lm_head
+    return 6 * matmul_params + 12 * layers * h * seq_len
+
+
+# Dense peak TFLOPs from the vendors' datasheets: (bf16/fp16 on tensor cores, fp32 without TF32, which is
+# what PyTorch's fp32 matmuls use by default). The first name found in torch.cuda.get_device_name() wins,
+# so the more specific names come first ("H100 PCIe" before "H100", "L40S" before "L4", "A100" before "A10").
+GPU_PEAK_TFLOPS = [
+    ("H100 PCIe", 756, 51), ("H100 NVL", 835, 60), ("H100", 989, 67), ("H200", 989, 67),
+    ("A100", 312, 19.5), ("L40S", 362, 91.6), ("L4", 121, 30.3), ("A10", 125, 31.2),  # A10G: the A10's figures
+    ("RTX 4090", 165, 82.6),
+]
+
+
+def measure_matmul_flops(device, dtype, seconds=0.25):
+    """The best FLOPs/s of square matmuls repeated for about `seconds`: a practical peak where no datasheet
+    applies. On a CPU it uses this process's torch.get_num_threads() threads, as training does."""
+    size = 4096 if device.type == "cuda" else 1024  # big enough that a GPU's launch overhead is negligible
+    generator = torch.Generator(device).manual_seed(0)  # leaves the training's random stream alone
+    a, b = (torch.randn(size, size, device=device, dtype=dtype, generator=generator) for _ in range(2))
+    torch.mm(a, b)  # warm-up: thread pools, kernel selection
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = max(best, 2 * size**3 / (time.perf_counter() - start))
+    return best
+
+
+def peak_flops_per_device(device, dtype, peak_tflops=None):
+    """(peak FLOPs/s of one device, where the figure comes from): --peak_tflops if given, else a known GPU's
+    datasheet figure for dtype, else a short matmul measurement (fp32 on a CPU, whose bf16 matmuls are
+    usually slower; the run's dtype on an unknown GPU)."""
+    if peak_tflops:
+        return peak_tflops * 1e12, "--peak_tflops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for pattern, bf16_tflops, fp32_tflops in GPU_PEAK_TFLOPS:
+            if pattern in name:
+                return (fp32_tflops if dtype == torch.float32 else bf16_tflops) * 1e12, f"{name} datasheet"
+        return measure_matmul_flops(device, dtype), f"measured: {name} {dtype} matmul"
+    return (measure_matmul_flops(device, torch.float32),
+            f"measured: fp32 matmul on {torch.get_num_threads()} CPU thread(s)")
 
 
 def to_readable_format(num, precision=2):
