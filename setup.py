@@ -13,5 +13,5 @@ setup(
     python_requires=">=3.10",
     py_modules=[],  # the steps are run as scripts, not imported as a package
     install_requires=requirements,
-    extras_require={"test": ["pytest", "matplotlib"]},
+    extras_require={"test": ["pytest", "matplotlib", "py-spy"]},
 )
