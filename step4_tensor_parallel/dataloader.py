@@ -1,8 +1,7 @@
-"""Tokenize a text dataset into fixed-length chunks and serve micro-batches to each data-parallel rank.
+"""Tokenize a text dataset into fixed-length chunks and serve them as micro-batches.
 
-Every optimizer step consumes one global batch of micro_batch_size x grad_acc_steps x dp_size
-chunks. The DistributedSampler deals each rank its own share of one shuffled order, so the union
-of the ranks' micro-batches is the same global batch whatever the layout.
+Every optimizer step consumes one global batch of micro_batch_size x grad_acc_steps chunks, drawn
+in one shuffled order that is reshuffled every epoch.
 """
 import hashlib
 import os
@@ -51,11 +50,8 @@ def group_into_chunks(token_lists, seq_len):
 class MicroBatchDataLoader(DataLoader):
     def __init__(self, micro_batch_size, seq_len, dataset_name, tokenizer_name, grad_acc_steps,
                  num_workers=0, num_proc=1, seed=42, split="train"):
-        self.micro_batch_size = micro_batch_size
-        self.seq_len = seq_len
         self.grad_acc_steps = grad_acc_steps
-        dp_size, dp_rank = pgm.process_group_manager.dp_world_size, pgm.process_group_manager.dp_rank
-        self.global_batch_size = micro_batch_size * grad_acc_steps * dp_size
+        self.global_batch_size = micro_batch_size * grad_acc_steps
 
         self.tokenizer = load_tokenizer(tokenizer_name)
         dataset = load_text_dataset(dataset_name, split)
@@ -63,16 +59,16 @@ class MicroBatchDataLoader(DataLoader):
         if len(self.tokenized_dataset) < self.global_batch_size:
             fail(f"dataset {dataset_name!r} has {len(self.tokenized_dataset)} chunks of seq_len+1 = {seq_len + 1} "
                  f"tokens, fewer than one global batch (micro_batch_size {micro_batch_size} x "
-                 f"gradient_accumulation_steps {grad_acc_steps} x dp_size {dp_size} = {self.global_batch_size})")
+                 f"gradient_accumulation_steps {grad_acc_steps} = {self.global_batch_size})")
 
-        # drop_last keeps every rank's epoch the same length, so no rank waits on a missing batch.
-        self.sampler = DistributedSampler(self.tokenized_dataset, num_replicas=dp_size, rank=dp_rank,
+        # One shuffled order from the seed (DistributedSampler with a single replica; data parallelism,
+        # step 5, will deal it out to several), reshuffled every epoch by set_epoch.
+        self.sampler = DistributedSampler(self.tokenized_dataset, num_replicas=1, rank=0,
                                           shuffle=True, seed=seed, drop_last=True)
         super().__init__(self.tokenized_dataset, batch_size=micro_batch_size, sampler=self.sampler,
                          collate_fn=self.collate_batch, num_workers=num_workers, drop_last=True)
         self.epoch = 0
-        self.micro_batches_in_epoch = 0  # the data position a checkpoint records
-        self._iterator = None
+        self._iterator = super().__iter__()
 
     def tokenize_dataset(self, dataset, seq_len, num_proc):
         tokenizer = self.tokenizer
@@ -109,30 +105,13 @@ class MicroBatchDataLoader(DataLoader):
         return self  # an endless stream of micro-batches; __next__ starts each epoch's DataLoader iterator
 
     def __next__(self):
-        if self._iterator is None:
-            self._iterator = super().__iter__()
         try:
-            batch = next(self._iterator)
+            return next(self._iterator)
         except StopIteration:
             # Out of data: reshuffle and go round again rather than ending the run.
             self.epoch += 1
-            self.micro_batches_in_epoch = 0
             self.sampler.set_epoch(self.epoch)
             if pgm.process_group_manager.global_rank == 0:
                 print(f"Dataloader: end of data, starting epoch {self.epoch}", flush=True)
             self._iterator = super().__iter__()
-            batch = next(self._iterator)
-        self.micro_batches_in_epoch += 1
-        return batch
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "micro_batches_in_epoch": self.micro_batches_in_epoch}
-
-    def load_state_dict(self, state):
-        """Continue exactly where a checkpointed run stopped: same epoch order, same next batch."""
-        self.epoch = state["epoch"]
-        self.sampler.set_epoch(self.epoch)
-        self._iterator = super().__iter__()
-        for _ in range(state["micro_batches_in_epoch"]):
-            next(self._iterator)
-        self.micro_batches_in_epoch = state["micro_batches_in_epoch"]
+            return next(self._iterator)

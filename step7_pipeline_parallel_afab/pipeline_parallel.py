@@ -177,8 +177,9 @@ class HeldActivations:
 
 
 def set_grad_sync(model, enabled):
-    # Under data parallelism gradients are all-reduced once, in the backward of the last micro-batch.
-    if hasattr(model, "require_backward_grad_sync"):
+    # Under data parallelism gradients are all-reduced once, in the backward of the last micro-batch
+    # (the same rule as train.py's train_step).
+    if pgm.process_group_manager.dp_world_size > 1:
         model.require_backward_grad_sync = enabled
 
 

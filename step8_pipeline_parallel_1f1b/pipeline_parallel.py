@@ -195,8 +195,9 @@ class HeldActivations:
 
 
 def set_grad_sync(model, enabled):
-    # Under data parallelism gradients are all-reduced once, in the backward of the last micro-batch.
-    if hasattr(model, "require_backward_grad_sync"):
+    # Under data parallelism gradients are all-reduced once, in the backward of the last micro-batch
+    # (the same rule as train.py's train_step).
+    if pgm.process_group_manager.dp_world_size > 1:
         model.require_backward_grad_sync = enabled
 
 
@@ -242,9 +243,11 @@ def train_step_pipeline_1f1b(model, data_loader, tensor_shapes, device, dtype):
     num_steady = grad_acc_steps - num_warmup
     held, losses = HeldActivations(), []
 
+    # Warm-up: forwards only, filling the pipeline.
     for _ in range(num_warmup):
         forward_and_send(model, data_loader, held, losses, tensor_shapes, device, dtype)
 
+    # Steady state: one forward, then the backward of the oldest micro-batch held.
     if num_steady > 0:
         input_tensor = recv_forward(tensor_shapes, device, dtype)
     for micro_batch in range(num_steady):
@@ -260,6 +263,7 @@ def train_step_pipeline_1f1b(model, data_loader, tensor_shapes, device, dtype):
         else:
             input_tensor = send_backward_recv_forward(input_grad, tensor_shapes, device, dtype)
 
+    # Cool-down: the backwards of the micro-batches still held, draining the pipeline.
     for micro_batch in range(num_warmup):
         backward_and_send(model, held, micro_batch == num_warmup - 1, tensor_shapes, device, dtype)
 

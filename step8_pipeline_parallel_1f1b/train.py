@@ -12,7 +12,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import process_group_manager as pgm
-from checkpoint import load_checkpoint, load_hf_weights, save_checkpoint
 from data_parallel import DataParallelBucket
 from dataloader import DEFAULT_DATASET, MicroBatchDataLoader
 from model import Llama
@@ -49,17 +48,10 @@ def parse_args():
     parser.add_argument("--run_name", type=str, default="default_run")
     parser.add_argument("--use_wandb", action="store_true")
     parser.add_argument("--metrics_file", type=str, default=None, help="JSON Lines file, one object per step")
-    parser.add_argument("--save_dir", type=str, default=None, help="write checkpoints here")
-    parser.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    parser.add_argument("--keep_last", type=int, default=2, help="complete checkpoints kept in --save_dir")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --save_dir")
-    parser.add_argument("--init_from_hf", type=str, default=None,
-                        help="Hugging Face Llama directory (model.safetensors or an index) to start from")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    parser.add_argument("--peak_tflops", type=float, default=None,
-                        help="peak TFLOPs of one device, for MFU (default: a known GPU's datasheet figure, "
-                             "or a short matmul measurement on a CPU)")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="one device's peak, for MFU "
+                        "(default: a known GPU's datasheet figure, or a short matmul measurement on a CPU)")
     return parser.parse_args()
 
 
@@ -101,8 +93,6 @@ def main():
         errors.append(f"--bucket_size_mb must be positive (got {args.bucket_size_mb})")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         errors.append(f"--peak_tflops must be positive (got {args.peak_tflops})")
-    if args.resume and not args.save_dir:
-        errors.append("--resume needs --save_dir")
     if errors:
         fail("; ".join(errors))
 
@@ -112,14 +102,14 @@ def main():
     is_logging_rank = grid.tp_rank == 0 and grid.dp_rank == 0 and grid.pp_is_last_stage
 
     # Loading and tokenizing uses no collective: a missing or too small dataset stops every rank alike.
-    data_loader = MicroBatchDataLoader(args.micro_batch_size, args.seq_len, args.dataset_name, args.model_name,
-                                       args.gradient_accumulation_steps, args.num_workers, args.num_proc, args.seed)
+    data_loader = MicroBatchDataLoader(micro_batch_size=args.micro_batch_size, seq_len=args.seq_len,
+                                       dataset_name=args.dataset_name, tokenizer_name=args.model_name,
+                                       grad_acc_steps=args.gradient_accumulation_steps, num_workers=args.num_workers,
+                                       num_proc=args.num_proc, seed=args.seed)
 
     # Every rank builds the same full model from the same seed.
     set_all_seed(args.seed)
     model = Llama(config)
-    if args.init_from_hf:
-        load_hf_weights(model, args.init_from_hf)
     if grid.tp_world_size > 1:
         apply_tensor_parallel(model)  # keep this rank's shard of the full weights
     model = model.to(device=device, dtype=dtype)
@@ -128,7 +118,6 @@ def main():
     if grid.dp_world_size > 1:
         model = DataParallelBucket(model, args.bucket_size_mb)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
-    layout = {"world_size": world_size, "tp_size": args.tp_size, "pp_size": args.pp_size, "dp_size": args.dp_size}
     num_params = sum(p.numel() for p in model.parameters())
 
     logger = MetricsLogger(args.metrics_file, args.use_wandb, args.run_name, vars(args)) if is_logging_rank else None
@@ -144,10 +133,6 @@ def main():
     tokens_per_step = data_loader.global_batch_size * args.seq_len
     tensor_shapes = (args.micro_batch_size, args.seq_len, config.hidden_size)  # activations between stages
     step, trained_tokens = 0, 0
-    if args.resume:
-        step, trained_tokens = load_checkpoint(args.save_dir, model, optimizer, data_loader, layout)
-        if is_logging_rank:
-            print(f"resumed from step {step} ({to_readable_format(trained_tokens)} tokens) in {args.save_dir}", flush=True)
     while trained_tokens < args.max_tokens:
         step_start = time.time()
         model.zero_grad()  # the data-parallel wrapper's also empties its gradient buckets
@@ -180,10 +165,6 @@ def main():
                   f"| Tokens: {to_readable_format(trained_tokens)}/{to_readable_format(args.max_tokens)} "
                   f"| Memory: {metrics['memory_gb']:.2f}GB", flush=True)
             logger.log(metrics)
-
-        done = trained_tokens >= args.max_tokens
-        if args.save_dir and (done or (args.save_every and step % args.save_every == 0)):
-            save_checkpoint(args.save_dir, step, trained_tokens, model, optimizer, data_loader, layout, args.keep_last)
 
     if logger:
         logger.close()

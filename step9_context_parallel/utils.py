@@ -88,13 +88,11 @@ def peak_memory_gb(device):
 
 def flops_per_token(config, seq_len):
     """Training FLOPs per token of the whole model (not this rank's shard), by the PaLM convention
-    (Chowdhery et al. 2022, appendix B): 6 * N + 12 * L * h * s.
-
-    N counts the matmul weights: q, k, v, o, gate, up and down of every layer and the LM head; not the
-    embedding table (a lookup) nor the norms. Each weight costs 2 FLOPs per token forward (multiply, add)
-    and 4 backward (the input's gradient and the weight's). 12 * L * h * s is attention's two matmuls,
-    q @ k^T and scores @ v: 4 * h * s per token and layer forward, twice that backward, counted as if
-    unmasked (the causal mask saves half of it in a flash kernel, the convention ignores that)."""
+    (Chowdhery et al. 2022, appendix B): 6 * N + 12 * L * h * s. N counts the matmul weights (q, k, v, o,
+    gate, up, down of every layer, and the LM head; not the embedding table, a lookup, nor the norms): 2
+    FLOPs per weight and token forward, 4 backward (the input's gradient and the weight's). 12 * L * h * s
+    is attention's two matmuls, q @ k^T and scores @ v: 4 * h * s per token and layer forward, twice that
+    backward, counted as if unmasked (a flash kernel skips the masked half; the convention ignores that)."""
     h, layers, head_dim = config.hidden_size, config.num_hidden_layers, config.head_dim
     q_size, kv_size = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
     attention = h * q_size + 2 * h * kv_size + q_size * h  # q, k, v, o
@@ -107,10 +105,8 @@ def flops_per_token(config, seq_len):
 # what PyTorch's fp32 matmuls use by default). The first name found in torch.cuda.get_device_name() wins,
 # so the more specific names come first ("H100 PCIe" before "H100", "L40S" before "L4", "A100" before "A10").
 GPU_PEAK_TFLOPS = [
-    ("H100 PCIe", 756, 51), ("H100 NVL", 835, 60), ("H100", 989, 67), ("H200", 989, 67),
-    ("A100", 312, 19.5), ("L40S", 362, 91.6), ("L4", 121, 30.3), ("A10", 125, 31.2),  # A10G: the A10's figures
-    ("RTX 4090", 165, 82.6),
-]
+    ("H100 PCIe", 756, 51), ("H100 NVL", 835, 60), ("H100", 989, 67), ("H200", 989, 67), ("A100", 312, 19.5),
+    ("L40S", 362, 91.6), ("L4", 121, 30.3), ("A10", 125, 31.2), ("RTX 4090", 165, 82.6)]  # A10G: the A10's figures
 
 
 def measure_matmul_flops(device, dtype, seconds=0.25):
@@ -154,19 +150,15 @@ def to_readable_format(num, precision=2):
 
 
 def wandb_mode():
-    """'online' when W&B credentials are configured, else 'offline' (no login prompt, no network)."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
+    """WANDB_MODE if set; else 'online' when W&B credentials are configured (WANDB_API_KEY or a netrc
+    entry), and 'offline' when not: no login prompt, no network."""
     netrc_path = os.environ.get("NETRC", os.path.expanduser("~/.netrc"))
-    if os.path.exists(netrc_path) and "wandb" in open(netrc_path).read():
-        return "online"
-    return "offline"
+    logged_in = os.environ.get("WANDB_API_KEY") or (os.path.exists(netrc_path) and "wandb" in open(netrc_path).read())
+    return os.environ.get("WANDB_MODE") or ("online" if logged_in else "offline")
 
 
 class MetricsLogger:
-    """Per-step numbers to stdout, to a JSON Lines file (--metrics_file) and to Weights & Biases."""
+    """Per-step numbers to a JSON Lines file (--metrics_file) and to Weights & Biases (--use_wandb)."""
 
     def __init__(self, metrics_file=None, use_wandb=False, run_name=None, config=None):
         self.file = None

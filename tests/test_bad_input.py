@@ -39,7 +39,7 @@ def tiny_corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def outcomes(torchrun, tiny_corpus):
     cases = dict(CASES)
-    cases["dataset_too_small"] = ("step3", 2, ["--dataset_name", tiny_corpus, "--dp_size", 2, "--seq_len", 8,
+    cases["dataset_too_small"] = ("step5", 2, ["--dataset_name", tiny_corpus, "--dp_size", 2, "--seq_len", 8,
                                                "--micro_batch_size", 4, "--gradient_accumulation_steps", 2],
                                   ["fewer than one global batch", "micro_batch_size 4", "gradient_accumulation_steps 2",
                                    "dp_size 2 = 16"])

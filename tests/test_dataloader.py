@@ -13,7 +13,7 @@ TOKENIZER = str(ROOT / "assets" / "tiny_llama")
 
 
 def make_loader(monkeypatch, dp_size, dp_rank, dataset, micro_batch_size, grad_acc_steps, seq_len=16):
-    pgm, dataloader = import_step("step3", "process_group_manager", "dataloader")
+    pgm, dataloader = import_step("step5", "process_group_manager", "dataloader")
     grid = SimpleNamespace(dp_world_size=dp_size, dp_rank=dp_rank, global_rank=dp_rank)
     monkeypatch.setattr(pgm, "process_group_manager", grid)
     return dataloader.MicroBatchDataLoader(micro_batch_size, seq_len, str(dataset), TOKENIZER, grad_acc_steps, seed=7)
