@@ -1,11 +1,15 @@
-"""Checkpoints: exact resume, saves that survive SIGKILL, --init_from_hf, and refusing bad checkpoints."""
+"""Checkpoints (step10): bit-exact resume in every kind of layout, resuming in another layout (resharding),
+export to Hugging Face, --init_from_hf, a save killed with SIGKILL, the refusals that keep a run from being
+lost or mixed up with another, and no checkpointing in the steps before 10."""
+import argparse
 import hashlib
 import os
-import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
@@ -13,10 +17,27 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import ROOT, import_step, run_env, torchrun_command
+from conftest import ROOT, import_step, max_abs_diff, run_env, step_dir, torchrun_command
 
-SMALL = ["--seq_len", 32, "--micro_batch_size", 2, "--gradient_accumulation_steps", 2, "--learning_rate", 1e-3]
-STEP_TOKENS = 2 * 2 * 32  # tokens per optimizer step with SMALL and dp_size 1
+STEPS, SAVE_AT = 6, 3  # every run below trains 6 optimizer steps and saves at step 3 and at the end
+# A global batch of 4 sequences; 3 layers rather than the tiny model's 4: pipeline stages split them unevenly (2 + 1),
+# and an export must carry the override into its config.
+COMMON = ["--seq_len", 32, "--learning_rate", 1e-3, "--max_tokens", STEPS * 4 * 32, "--num_hidden_layers", 3]
+LAYOUTS = {
+    "baseline": (1, ["--micro_batch_size", 2, "--gradient_accumulation_steps", 2]),
+    "tp2": (2, ["--micro_batch_size", 2, "--gradient_accumulation_steps", 2, "--tp_size", 2]),
+    "dp2_bucket": (2, ["--micro_batch_size", 1, "--gradient_accumulation_steps", 2, "--dp_size", 2,
+                       "--bucket_size_mb", 1]),
+    "pp2_1f1b": (2, ["--micro_batch_size", 1, "--gradient_accumulation_steps", 4, "--pp_size", 2, "--pp_engine", "1f1b"]),
+    "cp2": (2, ["--micro_batch_size", 2, "--gradient_accumulation_steps", 2, "--cp_size", 2]),
+    "cp2_tp2": (4, ["--micro_batch_size", 2, "--gradient_accumulation_steps", 2, "--cp_size", 2, "--tp_size", 2]),
+    "tp2_pp2": (4, ["--micro_batch_size", 2, "--gradient_accumulation_steps", 2, "--tp_size", 2, "--pp_size", 2,
+                    "--pp_engine", "1f1b"]),
+    "cp2_pp2": (4, ["--micro_batch_size", 2, "--gradient_accumulation_steps", 2, "--cp_size", 2, "--pp_size", 2,
+                    "--pp_engine", "1f1b"]),
+}
+SAME_LAYOUT = ["baseline", "tp2", "dp2_bucket", "pp2_1f1b", "cp2", "cp2_tp2"]
+RESHARD = [("tp2_pp2", "baseline"), ("dp2_bucket", "tp2"), ("baseline", "cp2_pp2")]  # (saved in, resumed in)
 
 
 def tree_digest(folder):
@@ -27,55 +48,197 @@ def tree_digest(folder):
     return digest.hexdigest()
 
 
-# 20 optimizer steps of a global batch of 4 chunks, as in the parallel-layout tests (their runs are shared)
-PARITY = ["--seq_len", 32, "--learning_rate", 1e-3, "--max_tokens", 20 * 4 * 32]
-RESUME_LAYOUTS = {
-    "baseline": ("step3", 1, ["--micro_batch_size", 2, "--gradient_accumulation_steps", 2]),
-    "tp2": ("step4", 2, ["--micro_batch_size", 2, "--gradient_accumulation_steps", 2, "--tp_size", 2]),
-    "dp2_bucket": ("step6", 2, ["--micro_batch_size", 1, "--gradient_accumulation_steps", 2, "--dp_size", 2,
-                                "--bucket_size_mb", 1]),
-    "pp2_1f1b": ("step8", 2, ["--micro_batch_size", 1, "--gradient_accumulation_steps", 4, "--pp_size", 2,
-                              "--pp_engine", "1f1b"]),
+def error_lines(proc):
+    return [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+
+
+def halfway_copy(save_dir, target):
+    """save_dir as a run that stopped after step 3 left it: the step-6 checkpoint is not there yet."""
+    shutil.copytree(save_dir, target, ignore=shutil.ignore_patterns(f"step_{STEPS:06d}"))
+    return target
+
+
+def launch_two_at_a_time(function, items):
+    """Each launch is mostly interpreter start-up, which overlaps well."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(function, items))
+
+
+@pytest.fixture(scope="module")
+def full_runs(torchrun, tmp_path_factory):
+    """Every layout's uninterrupted 6 steps, saving at step 3 and 6: name -> (run, save_dir)."""
+    def launch(name):
+        nproc, args = LAYOUTS[name]
+        save_dir = tmp_path_factory.mktemp(f"ckpt_{name}")
+        return name, (torchrun("step10", nproc, *COMMON, *args, "--save_dir", save_dir, "--save_every", SAVE_AT),
+                      save_dir)
+
+    return launch_two_at_a_time(launch, LAYOUTS)
+
+
+@pytest.fixture(scope="module")
+def resumed(torchrun, full_runs, tmp_path_factory):
+    """Steps 4-6 again, from the step-3 checkpoint: (saved in, resumed in) -> run. The same layout for
+    SAME_LAYOUT, another one for RESHARD; and once with a new learning rate."""
+    def launch(item):
+        (source, target), extra = item
+        save_dir = halfway_copy(full_runs[source][1], tmp_path_factory.mktemp(f"resume_{source}_{target}") / "ckpt")
+        nproc, args = LAYOUTS[target]
+        return (source, target, *extra), torchrun("step10", nproc, *COMMON, *args, *extra, "--save_dir", save_dir,
+                                                  "--resume")
+
+    items = [((name, name), ()) for name in SAME_LAYOUT] + [(pair, ()) for pair in RESHARD]
+    items.append((("baseline", "baseline"), ("--learning_rate", 5e-4)))
+    return launch_two_at_a_time(launch, items)
+
+
+@pytest.mark.parametrize("name", SAME_LAYOUT)
+def test_resume_in_the_same_layout_continues_the_same_losses_bit_for_bit(full_runs, resumed, name):
+    full, save_dir = full_runs[name]
+    assert full.returncode == 0, full
+    # one file per (pipeline stage, tensor shard): the dp and cp ranks hold copies and do not write
+    files = {"baseline": 1, "tp2": 2, "dp2_bucket": 1, "pp2_1f1b": 2, "cp2": 1, "cp2_tp2": 2}[name]
+    for checkpoint in ("step_000003", "step_000006"):
+        assert len(list((save_dir / checkpoint).glob("pp*_tp*.safetensors"))) == files
+        assert (save_dir / checkpoint / "COMPLETE").exists()
+    run = resumed[(name, name)]
+    assert run.returncode == 0, run
+    assert "resumed from step 3" in run.stdout
+    assert [m["step"] for m in run.metrics] == [4, 5, 6]
+    assert run.losses == full.losses[SAVE_AT:]  # identical floats, not merely close
+
+
+@pytest.mark.parametrize("source,target", RESHARD)
+def test_resume_in_another_layout_matches_an_uninterrupted_run_of_that_layout(full_runs, resumed, source, target):
+    reference = full_runs[target][0]
+    run = resumed[(source, target)]
+    assert run.returncode == 0, run
+    assert [m["step"] for m in run.metrics] == [4, 5, 6]
+    first, worst = abs(run.losses[0] - reference.losses[SAVE_AT]), max_abs_diff(run.losses, reference.losses[SAVE_AT:])
+    print(f"{source} -> {target}: |dloss| at step 4 {first:.2e}, max over steps 4-6 {worst:.2e}")
+    assert first <= 1e-5 and worst <= 1e-4, (run.losses, reference.losses)
+    # a model that lost its trained weights would start again near ln(4096) = 8.3
+    assert run.losses[0] < reference.losses[0] - 0.3
+
+
+def test_a_new_learning_rate_is_honoured_and_said(full_runs, resumed):
+    full = full_runs["baseline"][0]
+    run = resumed[("baseline", "baseline", "--learning_rate", 5e-4)]
+    assert run.returncode == 0, run
+    assert "--learning_rate 0.0005 replaces the checkpoint's 0.001" in run.stdout
+    assert run.losses[0] == full.losses[SAVE_AT]  # step 4's loss comes from step 3's weights
+    assert abs(run.losses[1] - full.losses[SAVE_AT + 1]) > 1e-3  # step 5's from an update at the new rate
+
+
+def step10_loader(monkeypatch, model_dir, micro_batch_size, grad_acc):
+    pgm, dataloader = import_step("step10", "process_group_manager", "dataloader")
+    monkeypatch.setattr(pgm, "process_group_manager",
+                        SimpleNamespace(dp_world_size=1, dp_rank=0, cp_world_size=1, global_rank=0))
+    return dataloader.MicroBatchDataLoader(micro_batch_size=micro_batch_size, seq_len=32, grad_acc_steps=grad_acc,
+                                           dataset_name=str(ROOT / "assets" / "tiny_stories"),
+                                           tokenizer_name=str(model_dir), seed=42)
+
+
+def transformers_loss(model, loader, grad_acc):
+    """transformers' mean loss over the loader's next global batch."""
+    losses = []
+    with torch.no_grad():
+        for _ in range(grad_acc):
+            batch = next(loader)
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+            losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["target_ids"].reshape(-1)))
+    return torch.stack(losses).mean().item()
+
+
+def export_and_compare(save_dir, out_dir):
+    """Export save_dir, load it with transformers, and compare its logits with our Llama holding the
+    checkpoint's weights. Returns the transformers model."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "export_hf.py"), str(save_dir), str(out_dir)],
+                          cwd=ROOT, env=run_env(out_dir.parent), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out_dir.iterdir()}
+    hf_model = LlamaForCausalLM.from_pretrained(out_dir)
+
+    checkpoint, model_module = import_step("step10", "checkpoint", "model")
+    checkpoint_dir = checkpoint.complete_checkpoints(str(save_dir))[-1]
+    ours = model_module.Llama(LlamaConfig.from_dict(checkpoint.read_metadata(checkpoint_dir)["run"]["config"]))
+    ours.load_hf_state_dict(checkpoint.read_full_tensors(checkpoint_dir, lambda key: key.startswith("model.")))
+    input_ids = torch.randint(0, hf_model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        difference = (hf_model(input_ids).logits - ours(input_ids)).abs().max().item()
+    print(f"export of {checkpoint_dir}: max |logits difference| {difference:.2e}")
+    assert difference <= 1e-5
+    return hf_model
+
+
+def test_export_of_a_tp2_pp2_checkpoint_loads_in_transformers(full_runs, tmp_path, monkeypatch):
+    full, save_dir = full_runs["tp2_pp2"]
+    assert full.returncode == 0, full
+    hf_model = export_and_compare(halfway_copy(save_dir, tmp_path / "ckpt"), tmp_path / "hf")
+    assert hf_model.config.num_hidden_layers == 3 and not hf_model.config.tie_word_embeddings
+    # transformers with the step-3 weights computes the loss the run logged at step 4, on the same data
+    loader = step10_loader(monkeypatch, tmp_path / "hf", micro_batch_size=2, grad_acc=2)
+    for _ in range(SAVE_AT * 2):
+        next(loader)
+    assert abs(transformers_loss(hf_model, loader, grad_acc=2) - full.losses[SAVE_AT]) <= 1e-5
+
+
+def make_hf_checkpoint(folder, tied, shard):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ROOT / "assets" / "tiny_llama" / name, folder / name)
+    config = LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         rms_norm_eps=1e-5, tie_word_embeddings=tied)
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:  # non-trivial norms, so a misplaced norm weight would show in the loss
+                param.add_(0.2 * torch.randn_like(param))
+            if "embed_tokens" in name or "lm_head" in name:  # confident logits: a loss far from ln(vocab)
+                param.mul_(10)
+    model.save_pretrained(folder, max_shard_size="150KB" if shard else "5GB")
+    return model
+
+
+INIT_FROM_HF = {  # name: (nproc, layout, tied, sharded model files)
+    "tp2_tied": (2, ["--tp_size", 2], True, True),  # tied embeddings stay tied under tensor parallelism
+    "pp2": (2, ["--pp_size", 2, "--pp_engine", "1f1b"], False, False),
 }
 
 
 @pytest.fixture(scope="module")
-def first_halves(torchrun, tmp_path_factory):
-    """The first 10 of the 20 steps of every layout, saving at step 7 and at the end (step 10)."""
-    runs = {}
-    for name, (step, nproc, args) in RESUME_LAYOUTS.items():
-        save_dir = tmp_path_factory.mktemp(f"ckpt_{name}")
-        run = torchrun(step, nproc, *PARITY, *args, "--max_tokens", 10 * 4 * 32, "--save_dir", save_dir,
-                       "--save_every", 7, "--keep_last", 1)
-        runs[name] = (run, save_dir)
-    return runs
+def init_from_hf_runs(torchrun, tmp_path_factory):
+    """One step from transformers-made weights in each layout: name -> (run, transformers model, its dir, save_dir)."""
+    def launch(name):
+        nproc, layout, tied, shard = INIT_FROM_HF[name]
+        model_dir, save_dir = tmp_path_factory.mktemp(f"hf_{name}"), tmp_path_factory.mktemp(f"ckpt_hf_{name}")
+        model = make_hf_checkpoint(model_dir, tied=tied, shard=shard)
+        run = torchrun("step10", nproc, "--seq_len", 32, "--micro_batch_size", 2, "--gradient_accumulation_steps", 2,
+                       "--max_tokens", 4 * 32, *layout, "--model_name", model_dir, "--init_from_hf", model_dir,
+                       "--save_dir", save_dir)
+        return name, (run, model, model_dir, save_dir)
+
+    return launch_two_at_a_time(launch, INIT_FROM_HF)
 
 
-@pytest.mark.parametrize("name", RESUME_LAYOUTS)
-def test_resume_continues_the_same_losses_bit_for_bit(torchrun, first_halves, name):
-    step, nproc, args = RESUME_LAYOUTS[name]
-    first, save_dir = first_halves[name]
-    assert first.returncode == 0, first
-    assert sorted(p.name for p in save_dir.iterdir()) == ["step_000010"]  # step 7 pruned by --keep_last 1
-    assert len(list((save_dir / "step_000010").glob("rank_*.safetensors"))) == nproc  # one part per rank
-    second = torchrun(step, nproc, *PARITY, *args, "--save_dir", save_dir, "--resume")
-    full = torchrun(step, nproc, *PARITY, *args)
-    assert second.returncode == 0 and full.returncode == 0, second
-    assert "resumed from step 10" in second.stdout
-    assert [m["step"] for m in second.metrics] == list(range(11, 21))
-    assert first.losses + second.losses == full.losses  # identical floats, not merely close
+@pytest.mark.parametrize("name", INIT_FROM_HF)
+def test_init_from_hf_starts_at_transformers_loss(init_from_hf_runs, monkeypatch, name):
+    run, model, model_dir, _ = init_from_hf_runs[name]
+    assert run.returncode == 0, run
+    sharded = (model_dir / "model.safetensors.index.json").exists()
+    assert sharded == INIT_FROM_HF[name][3] and len(list(model_dir.glob("model*.safetensors"))) >= (3 if sharded else 1)
+    expected = transformers_loss(model, step10_loader(monkeypatch, model_dir, micro_batch_size=2, grad_acc=2), 2)
+    assert abs(expected - 8.32) > 0.5  # far from a fresh model's ln(4096): the weights must have been loaded
+    assert abs(run.losses[0] - expected) <= 1e-5, (run.losses[0], expected)
 
 
-@pytest.fixture(scope="module")
-def big_model_dir(tmp_path_factory):
-    """The embedded tokenizer with a wider model, so that a save takes long enough to be interrupted."""
-    folder = tmp_path_factory.mktemp("wide_model")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(ROOT / "assets" / "tiny_llama" / name, folder / name)
-    config = LlamaConfig(vocab_size=4096, hidden_size=768, intermediate_size=3072, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256)
-    config.save_pretrained(folder)
-    return folder
+def test_export_keeps_tied_embeddings_tied(init_from_hf_runs, tmp_path):
+    run, _, _, save_dir = init_from_hf_runs["tp2_tied"]
+    assert run.returncode == 0, run
+    hf_model = export_and_compare(save_dir, tmp_path / "hf")
+    assert hf_model.config.tie_word_embeddings
+    assert hf_model.lm_head.weight.data_ptr() == hf_model.model.embed_tokens.weight.data_ptr()
 
 
 def process_tree(pid):
@@ -95,145 +258,147 @@ def process_tree(pid):
     return tree
 
 
-def kill_tree(pid):
-    for member in process_tree(pid):
+def kill(pids):
+    for member in pids:
         try:
             os.kill(member, signal.SIGKILL)
         except ProcessLookupError:
             pass
 
 
-def test_sigkill_during_a_save_leaves_the_previous_checkpoint_usable(big_model_dir, tmp_path):
-    save_dir = tmp_path / "ckpt"
-    args = ["--model_name", big_model_dir, "--seq_len", 16, "--micro_batch_size", 1, "--gradient_accumulation_steps", 1,
-            "--max_tokens", 16 * 50, "--save_dir", save_dir, "--save_every", 1, "--keep_last", 5]
-    proc = subprocess.Popen(torchrun_command("step3", 1, args), cwd=ROOT, env=run_env(tmp_path),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    killed_during_save = False
+COMPLETE = "COMPLETE"
+
+
+def checkpoint_files(save_dir):
+    try:
+        return [p.name for p in save_dir.glob("step_*/*")]
+    except FileNotFoundError:  # the run pruned a folder while we looked
+        return []
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
+    """A wider model than the tiny one, so that a save (240 MB) lasts long enough to be interrupted."""
+    model_dir, save_dir = tmp_path / "wide_model", tmp_path / "ckpt"
+    model_dir.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ROOT / "assets" / "tiny_llama" / name, model_dir / name)
+    LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
+                num_key_value_heads=4, max_position_embeddings=256).save_pretrained(model_dir)
+    args = ["--model_name", model_dir, "--seq_len", 16, "--micro_batch_size", 1, "--gradient_accumulation_steps", 1,
+            "--save_dir", save_dir, "--save_every", 1]
+    proc = subprocess.Popen(torchrun_command("step10", 1, [*args, "--max_tokens", 16 * 500]), cwd=ROOT,
+                            env=run_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tree, killed_during_save = None, False
     deadline = time.time() + 240
     try:
         while time.time() < deadline and proc.poll() is None and not killed_during_save:
-            # safetensors first writes a hidden temporary file, then we rename it into place
-            writing = [p for p in save_dir.glob("step_*/*") if ".tmp" in p.name]
-            if list(save_dir.glob("step_*/COMPLETE")) and writing:  # one checkpoint done, the next half-written
-                kill_tree(proc.pid)
-                killed_during_save = True
+            files = checkpoint_files(save_dir)
+            if COMPLETE in files:  # one checkpoint is complete; the worker is running
+                tree = tree or process_tree(proc.pid)  # looked up once, so that the kill is immediate
+                if any(name.endswith(".safetensors.tmp") for name in files):  # the next one is half-written
+                    kill(tree)
+                    killed_during_save = True
             time.sleep(0.002)
     finally:
-        kill_tree(proc.pid)
+        kill(process_tree(proc.pid))
         proc.wait()
     assert killed_during_save, "never caught a save in progress"
-    # The newest checkpoint folder is the one the kill interrupted: a .tmp file or a rank file, no COMPLETE.
-    folders = sorted(save_dir.iterdir())
+    folders = sorted(save_dir.glob("step_*"))
     assert not (folders[-1] / "COMPLETE").exists(), [str(p.relative_to(save_dir)) for p in save_dir.rglob("*")]
-    latest = [d.name for d in folders if (d / "COMPLETE").exists()][-1]
-    assert latest < folders[-1].name
+    latest = int([d.name for d in folders if (d / "COMPLETE").exists()][-1][5:])
 
-    resumed = subprocess.run(torchrun_command("step3", 1, [*args[:-6], "--max_tokens", 16 * (int(latest[5:]) + 2),
-                                                           "--save_dir", save_dir, "--resume"]),
+    resumed = subprocess.run(torchrun_command("step10", 1, [*args, "--max_tokens", 16 * (latest + 2), "--resume"]),
                              cwd=ROOT, env=run_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from step {int(latest[5:])}" in resumed.stdout  # ...and resume skips it
+    assert f"resumed from step {latest} " in resumed.stdout  # the interrupted save is skipped...
+    assert not list(save_dir.rglob("*.tmp"))  # ...and its folder was written afresh when the run saved that step again
+    assert [d.name for d in sorted(save_dir.glob("step_*"))] == [f"step_{latest + 1:06d}", f"step_{latest + 2:06d}"]
 
 
-def make_hf_checkpoint(folder, tied, shard=False, layers=2):
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(ROOT / "assets" / "tiny_llama" / name, folder / name)
-    config = LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         rms_norm_eps=1e-5, tie_word_embeddings=tied)
-    torch.manual_seed(3)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:  # non-trivial norms, so a misplaced norm weight would show in the loss
-                param.add_(0.2 * torch.randn_like(param))
-            if "embed_tokens" in name or "lm_head" in name:  # confident logits: a loss far from ln(vocab)
-                param.mul_(10)
-    model.save_pretrained(folder, max_shard_size="150KB" if shard else "5GB")
-    return model
+def train_py(tmp_path, *args):
+    """train.py without torchrun: every refusal comes before the process group starts, and this starts twice as fast."""
+    return subprocess.run([sys.executable, str(step_dir("step10") / "train.py"), *[str(a) for a in args]], cwd=ROOT,
+                          env=run_env(tmp_path), capture_output=True, text=True, timeout=300)
 
 
-def transformers_first_step_loss(model, model_dir, monkeypatch, micro_batch_size, grad_acc):
-    """transformers' loss on the first global batch the training run sees."""
-    pgm, dataloader = import_step("step3", "process_group_manager", "dataloader")
-    monkeypatch.setattr(pgm, "process_group_manager", SimpleNamespace(dp_world_size=1, dp_rank=0, global_rank=0))
-    loader = dataloader.MicroBatchDataLoader(micro_batch_size, 32, str(ROOT / "assets" / "tiny_stories"),
-                                             str(model_dir), grad_acc, seed=42)
-    losses = []
-    with torch.no_grad():
-        for _ in range(grad_acc):
-            batch = next(loader)
-            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-            losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["target_ids"].reshape(-1)))
-    return torch.stack(losses).mean().item()
+REFUSALS = {  # case: what the one error line must say ({save_dir} and {pid} filled in)
+    "another_run": ["is from another run", "seq_len 32 vs 64", "dataset_name", "seed 42 vs 7",
+                    "num_hidden_layers 3 vs 2"],
+    "another_global_batch": ["is from another run; checkpoint vs this run: global_batch_size 4 vs 2. Resume"],
+    "fresh_run_into_a_used_dir": ["--save_dir {save_dir} is not empty (it holds step_000003, step_000006)",
+                                  "--resume", "another --save_dir"],
+    "dir_in_use": ["--save_dir {save_dir} is in use by another run (pid {pid})"],
+    "keep_last_0": ["--keep_last must be at least 1 (got 0)"],
+    "unwritable_dir": ["cannot write to --save_dir {save_dir}: [Errno 20] Not a directory"],
+    "truncated_newest": ["the newest checkpoint {save_dir}/step_000006 is damaged", "incomplete metadata",
+                         "the newest intact one is {save_dir}/step_000003"],
+    "missing_file_in_newest": ["{save_dir}/step_000006 is damaged", "pp00_tp01.safetensors",
+                               "the newest intact one is {save_dir}/step_000003"],
+    "nothing_to_resume": ["--resume: no complete checkpoint in --save_dir {save_dir}"],
+}
 
 
-@pytest.mark.parametrize("step,nproc,layout,tied,shard", [
-    ("step3", 1, [], False, False),
-    ("step3", 1, [], True, True),
-    ("step4", 2, ["--tp_size", 2], True, True),  # tied embeddings stay tied under tensor parallelism
-    ("step4", 2, ["--tp_size", 2], False, False),
-    ("step8", 2, ["--pp_size", 2, "--pp_engine", "1f1b"], False, True),
-])
-def test_init_from_hf_starts_at_transformers_loss(torchrun, tmp_path, monkeypatch, step, nproc, layout, tied, shard):
-    model = make_hf_checkpoint(tmp_path, tied=tied, shard=shard)
-    files = sorted(p.name for p in tmp_path.glob("model*.safetensors*"))
-    assert ("model.safetensors.index.json" in files) == shard and len(files) >= (3 if shard else 1)
-    expected = transformers_first_step_loss(model, tmp_path, monkeypatch, 2, 2)
-    run = torchrun(step, nproc, *SMALL, *layout, "--model_name", tmp_path, "--init_from_hf", tmp_path,
-                   "--max_tokens", STEP_TOKENS)
-    assert run.returncode == 0, run
-    if step != "step3":
-        return  # the fresh-model comparison below is the same for every layout
-    assert abs(run.losses[0] - expected) <= 1e-4, (run.losses[0], expected)
-    # a fresh random model of this config starts near ln(4096) = 8.32, far from the loaded model's loss
-    fresh = torchrun("step3", 1, *SMALL, "--model_name", tmp_path, "--max_tokens", STEP_TOKENS)
-    assert abs(fresh.losses[0] - expected) > 0.5, (fresh.losses[0], expected)
+@pytest.fixture(scope="module")
+def refusals(full_runs, tmp_path_factory):
+    """Each REFUSALS case tried in one process on a copy of a finished run's save_dir (or a bad path): case ->
+    (process, save_dir, digest of the case's folder before, after)."""
+    base = tmp_path_factory.mktemp("refusals")
+    baseline = [*COMMON, *LAYOUTS["baseline"][1]]
+    cases = {}
+    for case in REFUSALS:
+        save_dir = base / case / "ckpt"
+        if case in ("unwritable_dir", "nothing_to_resume"):
+            save_dir.mkdir(parents=True)
+        else:  # tp2's checkpoints have two files; one process may resume them (the global batch is the same)
+            shutil.copytree(full_runs["tp2" if case == "missing_file_in_newest" else "baseline"][1], save_dir)
+        cases[case] = (save_dir, [*baseline, "--save_dir", save_dir, "--resume"])
+    cases["another_run"][1].extend(["--seq_len", 64, "--dataset_name", "roneneldan/TinyStories", "--seed", 7,
+                                    "--num_hidden_layers", 2])
+    cases["another_global_batch"][1].extend(["--micro_batch_size", 1])
+    cases["fresh_run_into_a_used_dir"][1].remove("--resume")
+    cases["keep_last_0"][1].extend(["--keep_last", 0])
+    not_a_dir = base / "unwritable_dir" / "a_file"  # unwritable even for root
+    not_a_dir.write_text("")
+    cases["unwritable_dir"] = (not_a_dir / "ckpt", [*baseline, "--save_dir", not_a_dir / "ckpt"])
+    newest = cases["truncated_newest"][0] / "step_000006" / "pp00_tp00.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100_000])
+    (cases["missing_file_in_newest"][0] / "step_000006" / "pp00_tp01.safetensors").unlink()
+    # The test process holds the lock as a running training would (the same function, the same file).
+    checkpoint = import_step("step10", "checkpoint")
+    lock = checkpoint.lock_save_dir(str(cases["dir_in_use"][0]))
+
+    def launch(case):
+        save_dir, args = cases[case]
+        before = tree_digest(base / case)
+        return case, (train_py(base, *args), save_dir, before, tree_digest(base / case))
+
+    try:
+        return launch_two_at_a_time(launch, REFUSALS)
+    finally:
+        lock.close()
 
 
-def test_bad_checkpoints_are_refused_and_left_untouched(torchrun, tmp_path):
-    save_dir = tmp_path / "ckpt"
-    saved = torchrun("step3", 1, *SMALL, "--max_tokens", 2 * STEP_TOKENS, "--save_dir", save_dir)
-    assert saved.returncode == 0, saved
-    checkpoint = save_dir / "step_000002"
-    rank_file = checkpoint / "rank_000.safetensors"
-
-    def resume(*extra):
-        before = tree_digest(save_dir)
-        run = torchrun("step3", 1, *SMALL, "--max_tokens", 4 * STEP_TOKENS, "--save_dir", save_dir, "--resume",
-                       *extra, cached=False)
-        assert run.returncode != 0
-        assert tree_digest(save_dir) == before  # nothing overwritten
-        assert "Step: 3" not in run.stdout
-        return [line for line in run.stderr.splitlines() if line.startswith("error: ")]
-
-    (error,) = resume("--num_key_value_heads", 2)  # wrong shapes
-    assert "does not fit the model" in error and "k_proj.weight: checkpoint (128, 256) vs model (64, 256)" in error
-    (error,) = resume("--num_hidden_layers", 3)
-    assert "(9 tensors, first 5)" in error and re.search(r"layers\.3\.\S+: unexpected", error)
-
-    original = rank_file.read_bytes()
-    rank_file.write_bytes(original[: len(original) // 2])  # truncated file
-    (error,) = resume()
-    assert "cannot read checkpoint file" in error and "rank_000.safetensors" in error
-
-    rank_file.unlink()  # missing rank file
-    (error,) = resume()
-    assert "has no file for rank 0" in error
-
-    shutil.rmtree(checkpoint)
-    (error,) = resume()
-    assert "no complete checkpoint" in error
+@pytest.mark.parametrize("case", REFUSALS)
+def test_a_run_that_would_lose_or_mix_up_another_is_refused_and_touches_nothing(refusals, case):
+    proc, save_dir, before, after = refusals[case]
+    assert proc.returncode != 0
+    (error,) = error_lines(proc)
+    for expected in REFUSALS[case]:
+        assert expected.format(save_dir=save_dir, pid=os.getpid()) in error, error
+    assert after == before
+    assert "Step: " not in proc.stdout
 
 
-def test_resuming_with_another_layout_is_refused(torchrun, first_halves):
-    _, save_dir = first_halves["dp2_bucket"]
-    before = tree_digest(save_dir)
-    step, nproc, args = RESUME_LAYOUTS["dp2_bucket"]
-    run = torchrun("step6", 2, *PARITY, "--micro_batch_size", 2, "--gradient_accumulation_steps", 2, "--tp_size", 2,
-                   "--save_dir", save_dir, "--resume", cached=False)
-    assert run.returncode != 0
-    assert "saved with layout {'world_size': 2, 'tp_size': 1, 'pp_size': 1, 'dp_size': 2}" in run.stderr
-    assert "this run has {'world_size': 2, 'tp_size': 2, 'pp_size': 1, 'dp_size': 1}" in run.stderr
-    assert tree_digest(save_dir) == before and "Step: 11" not in run.stdout
+CHECKPOINT_FLAGS = {"--save_dir", "--save_every", "--keep_last", "--resume", "--init_from_hf"}
+
+
+@pytest.mark.parametrize("step", [f"step{n}" for n in range(1, 11)])
+def test_checkpoints_are_the_technique_of_step_10_only(step, monkeypatch):
+    train = import_step(step, "train")
+    # train.parse_args() builds the parser and parses; made to hand back the parser, it shows every flag.
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", lambda parser, *args, **kwargs: parser)
+    flags = {option for action in train.parse_args()._actions for option in action.option_strings}
+    has_checkpoints = step == "step10"
+    assert (flags & CHECKPOINT_FLAGS == CHECKPOINT_FLAGS) if has_checkpoints else not flags & CHECKPOINT_FLAGS, \
+        sorted(flags & CHECKPOINT_FLAGS)
+    assert (step_dir(step) / "checkpoint.py").exists() == has_checkpoints
