@@ -19,7 +19,7 @@ COMMANDS = sorted(set(re.findall(r"torchrun --nproc_per_node \d+ [^`\n|]*?train\
 
 def test_readme_has_a_command_for_every_step():
     steps = {re.search(r"(step\d+)_", c).group(1) for c in COMMANDS}
-    assert steps == {f"step{n}" for n in range(1, 10)}
+    assert steps == {f"step{n}" for n in range(1, 11)}
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -37,7 +37,7 @@ def test_readme_command_parses(command, monkeypatch):
 
 def test_step_table_line_counts_match_the_patches():
     rows = re.findall(r"^\| `(step\d+)_\w+/` \|.*\| \+(\d+) / −(\d+) \|$", README, flags=re.MULTILINE)
-    assert len(rows) == 8  # steps 2..9 each have a patch
+    assert len(rows) == 9  # steps 2..10 each have a patch
     for step, added, removed in rows:
         folder = next(ROOT.glob(f"{step}_*"))
         patch = (folder / f"patch_{step.replace('step', 'step_')}.diff").read_text().splitlines()
