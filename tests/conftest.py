@@ -114,3 +114,14 @@ def torchrun(tmp_path_factory):
 def max_abs_diff(a, b):
     assert len(a) == len(b), f"different number of steps: {len(a)} vs {len(b)}"
     return max(abs(x - y) for x, y in zip(a, b))
+
+
+def assert_parity(run, reference, steps):
+    """The parity contract (DESIGN.md): both runs finished, `steps` steps each, the reference learned (so
+    agreeing is not trivial), |dloss| <= 1e-5 at step 1 and <= 1e-4 at every step."""
+    assert reference.returncode == 0, reference
+    assert run.returncode == 0, run
+    assert len(reference.losses) == len(run.losses) == steps
+    assert reference.losses[-1] < reference.losses[0] - 1.0, reference.losses
+    assert abs(run.losses[0] - reference.losses[0]) <= 1e-5, (run.losses[0], reference.losses[0])
+    assert max_abs_diff(run.losses, reference.losses) <= 1e-4, (run.losses, reference.losses)

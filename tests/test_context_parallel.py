@@ -13,7 +13,7 @@ from unittest import mock
 
 import pytest
 
-from conftest import ROOT, import_step, max_abs_diff, run_env
+from conftest import ROOT, assert_parity, import_step, run_env
 
 # The same global batch of 4 sequences as the 3D test in test_pipeline_parallel.py (so the step3 baseline
 # and the step8 run are shared with it through the run cache): micro_batch_size x grad_acc x dp_size = 4.
@@ -50,12 +50,7 @@ def runs(torchrun):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_losses_match_the_single_process_baseline(runs, layout):
     reference, run = runs["baseline"], runs[layout]
-    assert reference.returncode == 0, reference
-    assert run.returncode == 0, run
-    assert len(reference.losses) == len(run.losses) == 20
-    assert reference.losses[-1] < reference.losses[0] - 1.0, reference.losses  # learning, so parity is not trivial
-    assert abs(run.losses[0] - reference.losses[0]) <= 1e-5, (run.losses[0], reference.losses[0])
-    assert max_abs_diff(run.losses, reference.losses) <= 1e-4, (run.losses, reference.losses)
+    assert_parity(run, reference, steps=20)
 
 
 def test_step9_with_cp_1_reproduces_step8_exactly(runs):

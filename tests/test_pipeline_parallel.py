@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from conftest import ROOT, import_step, max_abs_diff, run_env, torchrun_command
+from conftest import ROOT, assert_parity, import_step, max_abs_diff, run_env, torchrun_command
 
 GRAD_ACC = 4  # >= every pp_size below, so the pipeline fills
 SMALL = ["--seq_len", 32, "--learning_rate", 1e-3, "--micro_batch_size", 1, "--gradient_accumulation_steps", GRAD_ACC,
@@ -102,12 +102,7 @@ def test_tied_embeddings_are_refused_with_more_than_one_stage(step):
 @pytest.mark.parametrize("step,engine,pp_size,num_layers", LAYOUTS)
 def test_losses_match_the_single_process_baseline(runs, step, engine, pp_size, num_layers):
     reference, run = runs[("step3", "none", 1, num_layers)], runs[(step, engine, pp_size, num_layers)]
-    assert reference.returncode == 0, reference
-    assert run.returncode == 0, run
-    assert len(reference.losses) == len(run.losses) == 20
-    assert reference.losses[-1] < reference.losses[0] - 1.0, reference.losses  # learning, so parity is not trivial
-    assert abs(run.losses[0] - reference.losses[0]) <= 1e-5, (run.losses[0], reference.losses[0])
-    assert max_abs_diff(run.losses, reference.losses) <= 1e-4, (run.losses, reference.losses)
+    assert_parity(run, reference, steps=20)
 
 
 @pytest.mark.parametrize("engine", ["1f1b"])
