@@ -131,6 +131,7 @@ def main():
         parser.error("run it under torchrun: torchrun --nproc_per_node 2 tools/distributed_mistakes.py MISTAKE")
     dist.init_process_group("gloo")
     globals()[args.mistake](args.fixed)
+    dist.barrier()  # no rank tears its connections down while another still uses them
     dist.destroy_process_group()
 
 
