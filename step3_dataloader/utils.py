@@ -1,14 +1,20 @@
-"""Helpers shared by train.py: seeding, device/dtype choice, config loading, errors, formatting, metrics,
-FLOPs and peak FLOPs (MFU)."""
+"""Helpers shared by train.py: the command line's checks, joining the process group, the checks that stop a bad
+run, seeding, device/dtype choice, config loading, errors, formatting, metrics, FLOPs and peak FLOPs (MFU)."""
+import argparse
+import contextlib
+import datetime
 import json
+import math
 import os
 import random
+import re
 import resource
 import sys
 import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 # The embedded offline defaults (tools/make_assets.py makes them).
 ASSETS = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "assets"))
@@ -27,6 +33,50 @@ def fail(message, every_rank=False):
     else:
         time.sleep(2)
     sys.exit(1)
+
+
+def warn(message):
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose complaints (an unknown flag, a value of the wrong type or range) are one `error:` line
+    from one rank, like every other check, instead of a usage text from every rank."""
+
+    def error(self, message):
+        fail(f"{message} (see --help)")
+
+
+def integer(minimum):
+    """An argparse type: an integer >= minimum."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+def positive_float(text):
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def output_file(text):
+    """An argparse type: a path a file can be written to (not an existing directory)."""
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file path")
+    return text
 
 
 def set_all_seed(seed):
@@ -50,7 +100,10 @@ def resolve_dtype(name, device):
     # bf16 on GPUs (tensor cores); fp32 on CPUs, where bf16 matmuls are slow and the parity checks run.
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if name == "float16":  # a choice only to say why not: fp16 is what people try first
+        fail("--dtype float16 is refused: fp16 overflows to inf and the loss turns NaN within a few steps unless the "
+             "loss is scaled, which this tutorial does not do. --dtype bfloat16 has the same size and fp32's range")
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 def load_config(args):
@@ -65,6 +118,9 @@ def load_config(args):
         fail(f"cannot load model {args.model_name!r}: it is not a local directory and the Hugging Face hub "
              f"did not provide it (offline or unknown name). The embedded tiny model works offline: "
              f"--model_name {os.path.relpath(DEFAULT_MODEL)}")
+    if config.model_type != "llama":
+        fail(f"model {args.model_name!r} is a {config.model_type!r} model; this tutorial builds Llama "
+             f"(config model_type 'llama')")
     for name in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
         if getattr(args, name, None) is not None:
             setattr(config, name, getattr(args, name))
@@ -74,7 +130,68 @@ def load_config(args):
         fail(f"num_attention_heads {config.num_attention_heads} is not divisible by "
              f"num_key_value_heads {config.num_key_value_heads}")
     config.head_dim = config.hidden_size // config.num_attention_heads
+    if args.seq_len > config.max_position_embeddings:
+        warn(f"--seq_len {args.seq_len} is longer than the model's max_position_embeddings "
+             f"{config.max_position_embeddings}: allowed, because rotary embeddings have no position table and a "
+             f"model trained from scratch learns these positions; pretrained weights never saw them")
     return config
+
+
+def init_distributed(device, timeout_s):
+    """Join the job's process group. torchrun says in the environment where the peers are; a plain
+    `python train.py` is a job of one process. A collective that waits more than timeout_s seconds for a peer
+    fails, so a stalled rank ends the job instead of hanging it forever."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if "RANK" in os.environ:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout, store=dist.HashStore(), rank=0, world_size=1)
+
+
+@contextlib.contextmanager
+def peer_failures_end_the_run():
+    """A collective that fails because a peer stalled past --timeout_s or died ends this rank with one line,
+    not a traceback from deep inside the communication library. Other errors keep their traceback."""
+    try:
+        yield
+    except RuntimeError as error:  # gloo raises a plain RuntimeError; NCCL and the store raise dist.DistError
+        if not (isinstance(error, dist.DistError) or "gloo/transport" in str(error)):
+            raise
+        reason = re.sub(r"^\[[^\]]*\] *", "", str(error).splitlines()[0])  # drop gloo's [source file:line]
+        fail(f"a collective failed: a peer rank stalled for longer than --timeout_s, or died ({reason})",
+             every_rank=True)
+
+
+def check_same_settings(args, config):
+    """Every rank must train with the same settings, or the data-parallel copies silently drift apart (two
+    machines started with different --seed, say). A collective at start-up compares them."""
+    settings = {**{f"--{name}": value for name, value in vars(args).items()},
+                **{f"config.{name}": value for name, value in config.to_dict().items()}}
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, settings)
+    differences = []
+    for name in settings:
+        ranks_by_value = {}
+        for rank, other in enumerate(everyone):
+            ranks_by_value.setdefault(repr(other.get(name)), []).append(rank)
+        if len(ranks_by_value) > 1:
+            differences.append(f"{name} " + ", ".join(f"{value} on ranks {ranks}" for value, ranks in ranks_by_value.items()))
+    if differences:
+        fail("the ranks were started with different settings (every rank must run the same command): "
+             + "; ".join(differences))
+
+
+def check_loss(loss, step):
+    """Stop at the first non-finite loss: every later step would only train on NaN."""
+    if not math.isfinite(loss):
+        fail(f"the loss is {loss} at step {step}: training diverged, so the run stops here (try a lower "
+             f"--learning_rate)")
+
+
+def close_distributed():
+    dist.barrier()  # no rank tears down its connections while a peer still uses them
+    dist.destroy_process_group()
 
 
 def peak_memory_gb(device):

@@ -8,47 +8,49 @@ import os
 import time
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import process_group_manager as pgm
 from data_parallel import DataParallelNaive
 from dataloader import DEFAULT_DATASET, MicroBatchDataLoader
 from model import Llama
-from process_group_manager import setup_process_group_manager, validate_layout
+from process_group_manager import node_warning, setup_process_group_manager, validate_layout
 from tensor_parallel import apply_tensor_parallel
-from utils import (DEFAULT_MODEL, MetricsLogger, average_loss_across_dp_ranks, fail, flops_per_token, load_config,
-                   peak_flops_per_device, peak_memory_gb, resolve_device, resolve_dtype, set_all_seed,
-                   to_readable_format)
+from utils import (ArgumentParser, DEFAULT_MODEL, MetricsLogger, average_loss_across_dp_ranks, check_loss,
+                   check_same_settings, close_distributed, fail, flops_per_token, init_distributed, integer,
+                   load_config, output_file, peak_flops_per_device, peak_memory_gb, peer_failures_end_the_run,
+                   positive_float, resolve_device, resolve_dtype, set_all_seed, to_readable_format, warn)
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--omp_num_threads", type=str, default="1")
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--omp_num_threads", type=integer(1), default=1)
     parser.add_argument("--tokenizers_parallelism", type=str, default="false")
     parser.add_argument("--model_name", type=str, default=DEFAULT_MODEL)
-    parser.add_argument("--num_hidden_layers", type=int, default=None, help="default: the model config's")
-    parser.add_argument("--num_attention_heads", type=int, default=None, help="default: the model config's")
-    parser.add_argument("--num_key_value_heads", type=int, default=None, help="default: the model config's")
+    parser.add_argument("--num_hidden_layers", type=integer(1), default=None, help="default: the model config's")
+    parser.add_argument("--num_attention_heads", type=integer(1), default=None, help="default: the model config's")
+    parser.add_argument("--num_key_value_heads", type=integer(1), default=None, help="default: the model config's")
     parser.add_argument("--dataset_name", type=str, default=DEFAULT_DATASET)
-    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
-    parser.add_argument("--num_proc", type=int, default=1, help="processes for tokenizing the dataset")
+    parser.add_argument("--num_workers", type=integer(0), default=0, help="DataLoader worker processes")
+    parser.add_argument("--num_proc", type=integer(1), default=1, help="processes for tokenizing the dataset")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--seq_len", type=int, default=128)
-    parser.add_argument("--micro_batch_size", type=int, default=4)
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=2)
-    parser.add_argument("--max_tokens", type=int, default=102400, help="train until this many tokens were seen")
-    parser.add_argument("--tp_size", type=int, default=1)
-    parser.add_argument("--dp_size", type=int, default=1)
-    parser.add_argument("--pp_size", type=int, default=1)
+    parser.add_argument("--learning_rate", type=positive_float, default=1e-3)
+    parser.add_argument("--seq_len", type=integer(1), default=128)
+    parser.add_argument("--micro_batch_size", type=integer(1), default=4)
+    parser.add_argument("--gradient_accumulation_steps", type=integer(1), default=2)
+    parser.add_argument("--max_tokens", type=integer(1), default=102400, help="train until this many tokens were seen")
+    parser.add_argument("--tp_size", type=integer(1), default=1)
+    parser.add_argument("--dp_size", type=integer(1), default=1)
+    parser.add_argument("--pp_size", type=integer(1), default=1)
     parser.add_argument("--pp_engine", choices=["afab", "1f1b"], default="afab")
     parser.add_argument("--run_name", type=str, default="default_run")
     parser.add_argument("--use_wandb", action="store_true")
-    parser.add_argument("--metrics_file", type=str, default=None, help="JSON Lines file, one object per step")
+    parser.add_argument("--metrics_file", type=output_file, default=None, help="JSON Lines file, one object per step")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    parser.add_argument("--peak_tflops", type=float, default=None, help="one device's peak, for MFU "
+    parser.add_argument("--timeout_s", type=positive_float, default=600,
+                        help="seconds a collective waits for a stalled peer before the run stops")
+    parser.add_argument("--peak_tflops", type=positive_float, default=None, help="one device's peak, for MFU "
                         "(default: a known GPU's datasheet figure, or a short matmul measurement on a CPU)")
     return parser.parse_args()
 
@@ -77,9 +79,9 @@ def train_step(model, data_loader, device):
 
 def main():
     args = parse_args()
-    os.environ["OMP_NUM_THREADS"] = args.omp_num_threads
+    os.environ["OMP_NUM_THREADS"] = str(args.omp_num_threads)
     os.environ["TOKENIZERS_PARALLELISM"] = args.tokenizers_parallelism
-    torch.set_num_threads(int(args.omp_num_threads))
+    torch.set_num_threads(args.omp_num_threads)
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(args.device, local_rank)
@@ -87,13 +89,16 @@ def main():
     config = load_config(args)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     errors = validate_layout(world_size, args.tp_size, args.pp_size, args.dp_size, config)
-    if args.peak_tflops is not None and args.peak_tflops <= 0:
-        errors.append(f"--peak_tflops must be positive (got {args.peak_tflops})")
     if errors:
         fail("; ".join(errors))
+    ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))  # torchrun's --nproc_per_node
+    warning = node_warning(args.tp_size, ranks_per_node)
+    if warning:
+        warn(warning)
 
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    setup_process_group_manager(args.tp_size, args.pp_size, args.dp_size)
+    init_distributed(device, args.timeout_s)
+    check_same_settings(args, config)
+    setup_process_group_manager(args.tp_size, args.pp_size, args.dp_size, timeout_s=args.timeout_s)
     grid = pgm.process_group_manager
     is_logging_rank = grid.tp_rank == 0 and grid.dp_rank == 0 and grid.pp_is_last_stage
 
@@ -137,6 +142,7 @@ def main():
         step_duration = time.time() - step_start
         step += 1
         trained_tokens += tokens_per_step
+        check_loss(loss, step)
 
         if is_logging_rank:
             tokens_per_second = tokens_per_step / step_duration
@@ -155,8 +161,9 @@ def main():
 
     if logger:
         logger.close()
-    dist.destroy_process_group()
+    close_distributed()
 
 
 if __name__ == "__main__":
-    main()
+    with peer_failures_end_the_run():
+        main()

@@ -9,6 +9,7 @@ import hashlib
 import os
 
 import numpy as np
+import pyarrow.compute
 import torch
 from filelock import FileLock
 from torch.utils.data import DataLoader, DistributedSampler
@@ -21,21 +22,40 @@ DEFAULT_DATASET = os.path.join(ASSETS, "tiny_stories")
 
 
 def load_text_dataset(dataset_name, split="train"):
+    """A dataset with a column "text" of strings: one document per row."""
     from datasets import load_dataset
 
     try:
-        return load_dataset(dataset_name, split=split)
+        dataset = load_dataset(dataset_name, split=split)
     except Exception as error:  # datasets raises many types: FileNotFoundError, ConnectionError, DatasetNotFoundError...
         if os.path.isdir(dataset_name):
-            fail(f"cannot load the dataset in {dataset_name!r}: {error}")
+            files = [os.path.join(folder, name) for folder, _, names in os.walk(dataset_name) for name in names]
+            if files and all(os.path.getsize(path) == 0 for path in files):
+                fail(f"the dataset in {dataset_name!r} has no rows: its data files are empty")
+            fail(f"cannot load the dataset in {dataset_name!r}: {type(error).__name__}: {error}")
         fail(f"cannot load dataset {dataset_name!r}: it is not a local directory and the Hugging Face hub did "
              f"not provide it (offline or unknown name). The embedded tiny corpus works offline: "
              f"--dataset_name {os.path.relpath(DEFAULT_DATASET)}")
+    text = dataset.features.get("text")
+    if text is None:
+        fail(f"dataset {dataset_name!r} has no 'text' column to train on (its columns: {dataset.column_names})")
+    if getattr(text, "dtype", None) not in ("string", "large_string"):
+        fail(f"the 'text' column of dataset {dataset_name!r} holds {text}, not strings")
+    missing = dataset.data.column("text").null_count  # Arrow counts the nulls without reading the rows
+    if missing:
+        first = pyarrow.compute.index(pyarrow.compute.is_null(dataset.data.column("text")), True).as_py()
+        fail(f"{missing} rows of dataset {dataset_name!r} have no text (null), the first is row {first}: "
+             f"drop or fill them")
+    return dataset
 
 
 def load_tokenizer(name):
     from transformers import AutoTokenizer
 
+    tokenizer_files = ("tokenizer.json", "tokenizer.model", "vocab.json")
+    if os.path.isdir(name) and not any(os.path.exists(os.path.join(name, file)) for file in tokenizer_files):
+        fail(f"the model directory {name!r} has no tokenizer (none of {', '.join(tokenizer_files)}): the "
+             f"tokenizer is read from --model_name")
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as error:

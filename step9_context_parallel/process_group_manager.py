@@ -10,6 +10,7 @@ group: the dp x cp ranks that hold the same weights and average their gradients.
     pgm.setup_process_group_manager(tp_size, cp_size, pp_size, dp_size)
     pgm.process_group_manager.tp_rank, ...
 """
+import datetime
 import os
 
 import torch.distributed as dist
@@ -43,26 +44,23 @@ def grid_groups(tp_size, cp_size, pp_size, dp_size):
 
 def validate_layout(world_size, tp_size, cp_size, pp_size, dp_size, config, seq_len):
     """Reasons this layout cannot run (empty if it can). Pure, so every rank reaches the same verdict
-    before the first collective."""
+    before the first collective. The command line has already refused sizes below 1."""
     errors = []
-    if min(tp_size, cp_size, pp_size, dp_size) < 1:
-        errors.append(f"parallel sizes must be >= 1 (tp_size {tp_size}, cp_size {cp_size}, pp_size {pp_size}, "
-                      f"dp_size {dp_size})")
-    elif world_size != tp_size * cp_size * pp_size * dp_size:
+    if world_size != tp_size * cp_size * pp_size * dp_size:
         errors.append(f"world size {world_size} != dp_size {dp_size} x pp_size {pp_size} x cp_size {cp_size} x "
                       f"tp_size {tp_size} = {dp_size * pp_size * cp_size * tp_size} "
                       f"(set torchrun --nproc_per_node to the product)")
     # The load-balanced split cuts every sequence into 2 x cp_size equal chunks.
-    if cp_size >= 1 and seq_len % (2 * cp_size) != 0:
+    if seq_len % (2 * cp_size) != 0:
         errors.append(f"seq_len {seq_len} is not divisible by 2 x cp_size = {2 * cp_size}")
-    if tp_size >= 1 and config.num_attention_heads % tp_size != 0:
+    if config.num_attention_heads % tp_size != 0:
         errors.append(f"num_attention_heads {config.num_attention_heads} is not divisible by tp_size {tp_size}")
-    if tp_size >= 1 and config.num_key_value_heads % tp_size != 0:
+    if config.num_key_value_heads % tp_size != 0:
         errors.append(f"num_key_value_heads {config.num_key_value_heads} is not divisible by tp_size {tp_size}")
     # Tensor parallelism also splits the MLP's intermediate features and the vocabulary into equal shards.
-    if tp_size >= 1 and config.intermediate_size % tp_size != 0:
+    if config.intermediate_size % tp_size != 0:
         errors.append(f"intermediate_size {config.intermediate_size} is not divisible by tp_size {tp_size}")
-    if tp_size >= 1 and config.vocab_size % tp_size != 0:
+    if config.vocab_size % tp_size != 0:
         errors.append(f"vocab_size {config.vocab_size} is not divisible by tp_size {tp_size}")
     if pp_size > config.num_hidden_layers:
         errors.append(f"pp_size {pp_size} is larger than num_hidden_layers {config.num_hidden_layers}: "
@@ -73,21 +71,38 @@ def validate_layout(world_size, tp_size, cp_size, pp_size, dp_size, config, seq_
     return errors
 
 
+def node_warning(tp_size, cp_size, ranks_per_node):
+    """A layout that runs but runs slowly: torchrun gives each node ranks_per_node consecutive global ranks, so a
+    tp group (consecutive ranks) stays inside one node only when tp_size divides ranks_per_node, and a cp ring
+    (tp-strided ranks within a block of tp_size x cp_size) only when tp_size x cp_size does."""
+    if ranks_per_node % tp_size:
+        return (f"tensor-parallel groups of tp_size {tp_size} ranks span nodes of {ranks_per_node} ranks: their "
+                f"all-reduces, two per layer forward and two backward, cross the network between machines instead "
+                f"of the links inside one; choose a tp_size that divides the processes per node")
+    if ranks_per_node % (tp_size * cp_size):
+        return (f"context-parallel rings (tp_size x cp_size = {tp_size * cp_size} ranks) span nodes of "
+                f"{ranks_per_node} ranks: every attention layer's key/value hops cross the network between "
+                f"machines; choose tp_size x cp_size that divides the processes per node")
+    return None
+
+
 class ProcessGroupManager:
-    def __init__(self, tp_size, cp_size, pp_size, dp_size):
+    def __init__(self, tp_size, cp_size, pp_size, dp_size, timeout_s=None):
         self.global_rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", self.global_rank))
         self.dp_rank, self.pp_rank, self.cp_rank, self.tp_rank = grid_coordinates(self.global_rank, tp_size, cp_size,
                                                                                   pp_size)
 
-        # Every rank must create every group, in the same order, even the ones it is not in.
+        # Every rank must create every group, in the same order, even the ones it is not in. Subgroups do not
+        # inherit the job's collective timeout (init_distributed's): without one they wait PyTorch's default.
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
         groups = grid_groups(tp_size, cp_size, pp_size, dp_size)
-        self.tp_group, _ = dist.new_subgroups_by_enumeration(groups["tp"])
-        self.cp_group, _ = dist.new_subgroups_by_enumeration(groups["cp"])
-        self.pp_group, _ = dist.new_subgroups_by_enumeration(groups["pp"])
-        self.dp_group, _ = dist.new_subgroups_by_enumeration(groups["dp"])
-        self.cp_dp_group, _ = dist.new_subgroups_by_enumeration(groups["cp_dp"])
+        self.tp_group, _ = dist.new_subgroups_by_enumeration(groups["tp"], timeout=timeout)
+        self.cp_group, _ = dist.new_subgroups_by_enumeration(groups["cp"], timeout=timeout)
+        self.pp_group, _ = dist.new_subgroups_by_enumeration(groups["pp"], timeout=timeout)
+        self.dp_group, _ = dist.new_subgroups_by_enumeration(groups["dp"], timeout=timeout)
+        self.cp_dp_group, _ = dist.new_subgroups_by_enumeration(groups["cp_dp"], timeout=timeout)
         self.tp_group_ids = next(g for g in groups["tp"] if self.global_rank in g)
         self.cp_group_ids = next(g for g in groups["cp"] if self.global_rank in g)
         self.pp_group_ids = next(g for g in groups["pp"] if self.global_rank in g)
@@ -112,6 +127,6 @@ class ProcessGroupManager:
 process_group_manager = None
 
 
-def setup_process_group_manager(tp_size, cp_size, pp_size, dp_size):
+def setup_process_group_manager(tp_size, cp_size, pp_size, dp_size, timeout_s=None):
     global process_group_manager
-    process_group_manager = ProcessGroupManager(tp_size, cp_size, pp_size, dp_size)
+    process_group_manager = ProcessGroupManager(tp_size, cp_size, pp_size, dp_size, timeout_s)

@@ -89,15 +89,20 @@ class Launcher:
         self.cache = {}
         self.counter = itertools.count()
 
-    def __call__(self, step, nproc, *args, timeout=600, cwd=None, cached=True):
-        key = (step, nproc, flag_set(args), cwd, os.environ.get("VERBOSE"))
+    def __call__(self, step, nproc, *args, timeout=600, cwd=None, cached=True, plain=False):
+        """plain=True: `python train.py` without torchrun (one process; nproc must be 1)."""
+        key = (step, nproc, flag_set(args), cwd, os.environ.get("VERBOSE"), plain)
         if cached and key in self.cache:
             return self.cache[key]
         metrics_path = None
         if "--metrics_file" in (step_dir(step) / "train.py").read_text():  # steps 1 and 2 only print
             metrics_path = self.tmp_root / f"metrics_{next(self.counter)}.jsonl"
             args = [*args, "--metrics_file", metrics_path]
-        command = torchrun_command(step, nproc, args)
+        if plain:
+            assert nproc == 1, nproc
+            command = [sys.executable, str(step_dir(step) / "train.py"), *[str(a) for a in args]]
+        else:
+            command = torchrun_command(step, nproc, args)
         proc = subprocess.run(command, cwd=cwd or ROOT, env=run_env(self.tmp_root), capture_output=True, text=True,
                               timeout=timeout)
         run = Run(proc, metrics_path)
@@ -107,7 +112,8 @@ class Launcher:
 
 @pytest.fixture(scope="session")
 def torchrun(tmp_path_factory):
-    """torchrun(step, nproc, *train_args) -> Run with .returncode, .stdout, .stderr, .metrics, .losses"""
+    """torchrun(step, nproc, *train_args) -> Run with .returncode, .stdout, .stderr, .metrics, .losses;
+    torchrun(step, 1, *train_args, plain=True) runs `python train.py` instead."""
     return Launcher(tmp_path_factory.mktemp("runs"))
 
 

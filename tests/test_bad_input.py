@@ -1,10 +1,18 @@
-"""Bad input stops every rank promptly with one line naming the offending values (DESIGN.md)."""
+"""Bad input stops every rank promptly with one line naming the offending values (DESIGN.md), and a plain
+`python train.py` (no torchrun) trains as one process."""
+import argparse
 import gzip
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import transformers
+
+from conftest import ROOT, import_step
+
+STEPS = [f"step{n}" for n in range(1, 11)]
 
 CASES = {
     # name: (step, nproc, args, words the error line must contain)
@@ -27,6 +35,34 @@ CASES = {
 }
 
 
+# The README's table of bad input, one case per row, spread over the steps; `python train.py` without torchrun
+# (one process), which is also what a learner types first. {dir} is a folder, {data} and {model} name the
+# broken datasets and model folders that `broken_inputs` makes.
+PLAIN_CASES = {
+    "seq_len_0": ("step1", ["--seq_len", 0], ["argument --seq_len", "got 0"]),
+    "micro_batch_size_0": ("step2", ["--micro_batch_size", 0], ["argument --micro_batch_size", "got 0"]),
+    "max_tokens_0": ("step3", ["--max_tokens", 0], ["argument --max_tokens", "got 0"]),
+    "float16": ("step4", ["--dtype", "float16"], ["--dtype float16 is refused", "loss", "--dtype bfloat16"]),
+    "max_tokens_negative": ("step5", ["--max_tokens", -5], ["argument --max_tokens", "got -5"]),
+    "metrics_file_is_a_dir": ("step5", ["--metrics_file", "{dir}"], ["argument --metrics_file", "{dir}",
+                                                                      "is a directory"]),
+    "gradient_accumulation_steps_0": ("step6", ["--gradient_accumulation_steps", 0],
+                                      ["argument --gradient_accumulation_steps", "got 0"]),
+    "no_text_column": ("step6", ["--dataset_name", "{data}/no_text"], ["{data}/no_text", "no 'text' column",
+                                                                       "['story']"]),
+    "num_attention_heads_0": ("step7", ["--num_attention_heads", 0], ["argument --num_attention_heads", "got 0"]),
+    "null_text": ("step7", ["--dataset_name", "{data}/null_text"], ["{data}/null_text", "have no text (null)",
+                                                                    "row 1"]),
+    "num_workers_negative": ("step8", ["--num_workers", -1], ["argument --num_workers", "got -1"]),
+    "empty_data_file": ("step8", ["--dataset_name", "{data}/empty"], ["{data}/empty", "no rows", "empty"]),
+    "learning_rate_negative": ("step9", ["--learning_rate", -1], ["argument --learning_rate", "got -1"]),
+    "model_without_tokenizer": ("step9", ["--model_name", "{model}/no_tokenizer"],
+                                ["{model}/no_tokenizer", "has no tokenizer", "tokenizer.json"]),
+    "omp_num_threads_abc": ("step10", ["--omp_num_threads", "abc"], ["argument --omp_num_threads", "'abc'"]),
+    "not_llama": ("step10", ["--model_name", "{model}/gpt2"], ["{model}/gpt2", "'gpt2' model", "Llama"]),
+}
+
+
 @pytest.fixture(scope="module")
 def tiny_corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_corpus")
@@ -37,17 +73,37 @@ def tiny_corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def outcomes(torchrun, tiny_corpus):
-    cases = dict(CASES)
+def broken_inputs(tmp_path_factory):
+    """{dir}, {data} and {model} of PLAIN_CASES."""
+    root = tmp_path_factory.mktemp("broken")
+    data, model = root / "data", root / "model"
+    rows = {"no_text": [{"story": "a"}, {"story": "b"}], "null_text": [{"text": "a b"}, {"text": None}, {"text": "c"}],
+            "empty": []}
+    for name, lines in rows.items():
+        (data / name).mkdir(parents=True)
+        (data / name / "train.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (model / "no_tokenizer").mkdir(parents=True)
+    (model / "no_tokenizer" / "config.json").write_text((ROOT / "assets" / "tiny_llama" / "config.json").read_text())
+    transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2).save_pretrained(model / "gpt2")
+    return {"dir": str(root), "data": str(data), "model": str(model)}
+
+
+@pytest.fixture(scope="module")
+def outcomes(torchrun, tiny_corpus, broken_inputs):
+    cases = {name: (step, nproc, args, words, False) for name, (step, nproc, args, words) in CASES.items()}
     cases["dataset_too_small"] = ("step5", 2, ["--dataset_name", tiny_corpus, "--dp_size", 2, "--seq_len", 8,
                                                "--micro_batch_size", 4, "--gradient_accumulation_steps", 2],
                                   ["fewer than one global batch", "micro_batch_size 4", "gradient_accumulation_steps 2",
-                                   "dp_size 2 = 16"])
+                                   "dp_size 2 = 16"], False)
+    for name, (step, args, words) in PLAIN_CASES.items():
+        args = [str(arg).format(**broken_inputs) for arg in args]
+        cases[name] = (step, 1, args, [word.format(**broken_inputs) for word in words], True)
 
     def launch(item):
-        name, (step, nproc, args, words) = item
+        name, (step, nproc, args, words, plain) = item
         start = time.time()
-        run = torchrun(step, nproc, *args, "--max_tokens", 64, cached=False, timeout=120)
+        max_tokens = [] if "--max_tokens" in args else ["--max_tokens", 64]
+        run = torchrun(step, nproc, *args, *max_tokens, cached=False, timeout=120, plain=plain)
         return name, (run, time.time() - start, words)
 
     # Two launches at a time: each is mostly interpreter start-up, so they overlap well on two cores.
@@ -55,7 +111,7 @@ def outcomes(torchrun, tiny_corpus):
         return dict(pool.map(launch, cases.items()))
 
 
-@pytest.mark.parametrize("name", [*CASES, "dataset_too_small"])
+@pytest.mark.parametrize("name", [*CASES, "dataset_too_small", *PLAIN_CASES])
 def test_bad_input_fails_fast_with_a_clear_line(outcomes, name):
     run, seconds, words = outcomes[name]
     assert run.returncode != 0, run
@@ -65,3 +121,67 @@ def test_bad_input_fails_fast_with_a_clear_line(outcomes, name):
     for word in words:
         assert word in error_lines[0], (word, error_lines[0])
     assert "Step: 1" not in run.stdout
+    if name in PLAIN_CASES:  # no torchrun, whose ChildFailedError report follows our line
+        assert "Traceback" not in run.stderr, run
+
+
+# An out-of-range value for every numeric flag: each step must refuse it while parsing, naming the flag and value.
+BAD_NUMBERS = {"--omp_num_threads": "0", "--num_hidden_layers": "0", "--num_attention_heads": "0",
+               "--num_key_value_heads": "-2", "--num_workers": "-1", "--num_proc": "0", "--learning_rate": "nan",
+               "--seq_len": "-1", "--micro_batch_size": "0", "--gradient_accumulation_steps": "0", "--max_tokens": "0",
+               "--tp_size": "0", "--dp_size": "-1", "--pp_size": "0", "--cp_size": "0", "--bucket_size_mb": "-0.5",
+               "--peak_tflops": "0", "--timeout_s": "inf", "--save_every": "-1", "--keep_last": "0"}
+
+
+def parser_of(step, monkeypatch):
+    """The step's argparse parser, as its parse_args() builds it."""
+    train = import_step(step, "train")
+    parsers = []
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", lambda self, *a, **k: parsers.append(self))
+    train.parse_args()
+    monkeypatch.undo()
+    return parsers[0]
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_every_numeric_flag_refuses_values_out_of_range(step, monkeypatch, capsys):
+    parser = parser_of(step, monkeypatch)
+    flags = {option: action for action in parser._actions for option in action.option_strings}
+    # no plain int/float flag slips past the checks (the seed may be any integer)
+    unchecked = [option for option, action in flags.items() if action.type in (int, float) and option != "--seed"]
+    assert unchecked == [], unchecked
+    tried = 0
+    for flag, value in BAD_NUMBERS.items():
+        if flag not in flags:
+            continue
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args([flag, value])
+        assert exit_info.value.code == 1
+        error = capsys.readouterr().err.strip()
+        assert error.startswith(f"error: argument {flag}: ") and value in error, (flag, error)
+        tried += 1
+    assert tried >= 9, tried  # step 1 has the fewest numeric flags (9)
+
+
+@pytest.fixture(scope="module")
+def plain_and_torchrun(torchrun):
+    """The parity baseline, once with torchrun and once as `python step3_dataloader/train.py`."""
+    args = ["--seq_len", 32, "--learning_rate", 1e-3, "--gradient_accumulation_steps", 2, "--max_tokens", 20 * 4 * 32,
+            "--micro_batch_size", 2]
+    return torchrun("step3", 1, *args, plain=True), torchrun("step3", 1, *args)
+
+
+def test_python_train_py_without_torchrun_trains_like_torchrun(plain_and_torchrun):
+    plain, launched = plain_and_torchrun
+    assert plain.returncode == 0, plain
+    assert launched.returncode == 0, launched
+    assert len(plain.losses) == 20 and plain.losses[-1] < plain.losses[0] - 1.0, plain.losses
+    assert plain.losses == launched.losses
+
+
+def test_a_sequence_longer_than_the_model_declares_is_allowed_with_one_warning(torchrun):
+    run = torchrun("step2", 1, "--seq_len", 1100, "--micro_batch_size", 1, "--max_tokens", 1100, plain=True)
+    assert run.returncode == 0, run
+    warnings = [line for line in run.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "--seq_len 1100" in warnings[0] and "max_position_embeddings 1024" in warnings[0]
+    assert re.search(r"^Step: 1 \| Loss: \d", run.stdout, flags=re.M), run

@@ -328,7 +328,7 @@ REFUSALS = {  # case: what the one error line must say ({save_dir} and {pid} fil
     "fresh_run_into_a_used_dir": ["--save_dir {save_dir} is not empty (it holds step_000003, step_000006)",
                                   "--resume", "another --save_dir"],
     "dir_in_use": ["--save_dir {save_dir} is in use by another run (pid {pid})"],
-    "keep_last_0": ["--keep_last must be at least 1 (got 0)"],
+    "keep_last_0": ["argument --keep_last: must be at least 1, got 0"],
     "unwritable_dir": ["cannot write to --save_dir {save_dir}: [Errno 20] Not a directory"],
     "truncated_newest": ["the newest checkpoint {save_dir}/step_000006 is damaged", "incomplete metadata",
                          "the newest intact one is {save_dir}/step_000003"],

@@ -165,4 +165,4 @@ def test_non_positive_peak_is_refused_before_training(monkeypatch, capsys, step)
     with pytest.raises(SystemExit) as exit_info:
         train.main()
     assert exit_info.value.code == 1
-    assert "error: --peak_tflops must be positive (got 0.0)" in capsys.readouterr().err
+    assert "error: argument --peak_tflops: must be a positive number, got 0" in capsys.readouterr().err

@@ -2,15 +2,19 @@
 
 Each patch is `diff -x '*.diff' -x __pycache__ --new-file -ur step{N-1}_* stepN_*` run from the
 repository root, with the file timestamps dropped from the `---`/`+++` headers so a patch depends
-only on the files' contents (a fresh clone gives the same bytes).
+only on the files' contents (a fresh clone gives the same bytes). Only the files git tracks count:
+what a run leaves in a step folder (wandb/, runs/, a metrics file) is not part of the step. Outside a
+git checkout (an exported copy) every file counts.
 
     python tools/make_patches.py          # rewrite the patches
     python tools/make_patches.py --check  # exit 1 if any patch is stale
 """
 import argparse
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,9 +25,28 @@ def step_dirs():
     return sorted(dirs, key=lambda d: int(re.match(r"step(\d+)", d.name).group(1)))
 
 
+def tracked_files(folder):
+    """Paths relative to ROOT of the files git tracks in folder, or None outside a git checkout."""
+    result = subprocess.run(["git", "ls-files", "-z", "--", folder.name], cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        return None
+    return [path for path in result.stdout.split("\0") if path and (ROOT / path).is_file()]
+
+
 def make_patch(previous, current):
-    result = subprocess.run(["diff", "-x", "*.diff", "-x", "__pycache__", "--new-file", "-ur", previous.name, current.name],
-                            cwd=ROOT, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as copy:
+        # diff two copies holding only the tracked files, so untracked ones cannot reach the patch
+        for folder in (previous, current):
+            paths = tracked_files(folder)
+            if paths is None:
+                shutil.copytree(folder, Path(copy) / folder.name)
+                continue
+            (Path(copy) / folder.name).mkdir()
+            for path in paths:
+                (Path(copy) / path).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(ROOT / path, Path(copy) / path)
+        result = subprocess.run(["diff", "-x", "*.diff", "-x", "__pycache__", "--new-file", "-ur", previous.name,
+                                 current.name], cwd=copy, capture_output=True, text=True)
     if result.returncode > 1:  # 0: identical, 1: differences, 2: trouble
         sys.exit(f"diff failed: {result.stderr}")
     return re.sub(r"^((?:---|\+\+\+) \S+)\t.*$", r"\1", result.stdout, flags=re.MULTILINE)
