@@ -35,7 +35,7 @@ BF16_LAYOUTS = {
 
 
 def tiny_config(utils):
-    return utils.load_config(argparse.Namespace(model_name=str(ROOT / "assets" / "tiny_llama")))
+    return utils.load_config(argparse.Namespace(model_name=str(ROOT / "assets" / "tiny_llama"), seq_len=32))
 
 
 def counted_flops(model, vocab_size, batch, seq_len):

@@ -90,7 +90,7 @@ def import_step(number):
 
 def check_logits(model_module, utils, device):
     """Max |logits on device - logits on CPU| in fp32, for the embedded tiny model with the same weights."""
-    config = utils.load_config(argparse.Namespace(model_name=str(ROOT / "assets" / "tiny_llama")))
+    config = utils.load_config(argparse.Namespace(model_name=str(ROOT / "assets" / "tiny_llama"), seq_len=128))
     torch.manual_seed(0)
     model = model_module.Llama(config)
     input_ids = torch.randint(0, config.vocab_size, (2, 128))
