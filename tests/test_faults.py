@@ -4,8 +4,10 @@ trains exactly as one agent does.
     non-finite loss      an absurd learning rate under pipeline parallelism: every stage stops at that step
     different settings   two agents, one given another --seed: stopped at start-up, the setting named
     stalled rank         SIGSTOP one rank: the others' collective times out after --timeout_s
+    killed rank          SIGKILL one rank: the job ends at once
     two agents           --nnodes 2 --nproc_per_node 2 == --nproc_per_node 4, loss for loss
 """
+import contextlib
 import os
 import re
 import signal
@@ -52,8 +54,8 @@ def two_agents(tmp_path, step, args_per_agent):
             for proc, (stdout, stderr) in zip(procs, outputs)]
 
 
-def stall_a_rank(tmp_path):
-    """dp 2 in step 6; once step 2 is logged, SIGSTOP rank 1. -> (Run, seconds from the stop to the job's end)"""
+def signal_a_rank(tmp_path, sig):
+    """dp 2 in step 6; once step 2 is logged, send sig to rank 1. -> (Run, seconds from the signal to the job's end)"""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(step_dir("step6") / "train.py"), "--dp_size", "2", "--seq_len", "32", "--micro_batch_size", "1",
                "--max_tokens", "1000000", "--timeout_s", str(TIMEOUT_S)]
@@ -68,14 +70,15 @@ def stall_a_rank(tmp_path):
         rest, stderr = proc.communicate()
         return Run(subprocess.CompletedProcess(command, proc.returncode, stdout + rest, stderr), None), None
     rank_1 = next(int(pid) for pid in os.listdir("/proc") if pid.isdigit() and worker_rank(int(pid), proc.pid) == 1)
-    os.kill(rank_1, signal.SIGSTOP)
+    os.kill(rank_1, sig)
     stopped = time.monotonic()
     try:
         rest, stderr = proc.communicate(timeout=TIMEOUT_S + TORCHRUN_GRACE_S + 60)
     finally:
         if proc.poll() is None:
-            os.kill(rank_1, signal.SIGKILL)
-            proc.kill()
+            for pid in (rank_1, proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
     seconds = time.monotonic() - stopped
     return Run(subprocess.CompletedProcess(command, proc.returncode, stdout + rest, stderr), None), seconds
 
@@ -99,7 +102,8 @@ def runs(torchrun, tmp_path_factory):
     torchrun to kill the stopped process), so the others overlap it."""
     tmp = tmp_path_factory.mktemp("faults")
     launches = {
-        "stalled": lambda: stall_a_rank(tmp),
+        "stalled": lambda: signal_a_rank(tmp, signal.SIGSTOP),
+        "killed": lambda: signal_a_rank(tmp, signal.SIGKILL),
         "diverged": lambda: torchrun("step8", 2, "--pp_size", 2, "--seq_len", 32, "--learning_rate", 1e6,
                                      "--max_tokens", 100 * 8 * 32),
         # tp 4 over two agents of 2 processes: the tp group spans the "machines"
@@ -156,6 +160,13 @@ def test_a_stalled_rank_ends_the_job_after_the_timeout(runs):
     (line,) = error_lines(run)  # rank 0's; the stopped rank 1 says nothing
     assert line.startswith("error: [rank 0] a collective failed: a peer rank stalled for longer than --timeout_s"), line
     assert f"Timed out waiting {TIMEOUT_S * 1000}ms" in line, line
+
+
+def test_a_killed_rank_ends_the_job_at_once(runs):
+    run, seconds = runs["killed"]
+    assert run.returncode != 0, run
+    assert seconds < 10, seconds  # measured: about 1 s (torchrun notices the dead process and stops the rest)
+    assert "exitcode  : -9" in run.stderr, run  # torchrun names the killed rank
 
 
 @pytest.mark.parametrize("layout", TWO_AGENT_LAYOUTS)

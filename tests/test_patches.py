@@ -26,3 +26,23 @@ def test_a_stale_patch_is_reported(tmp_path):
     assert proc.returncode == 1
     assert "step4_tensor_parallel/patch_step_4.diff" in proc.stdout
     assert "step5_data_parallel_naive/patch_step_5.diff" in proc.stdout  # the next step's patch too
+
+
+def test_untracked_files_stay_out_of_the_patches(tmp_path):
+    """What a run leaves in a step folder (wandb/, a metrics file) is not part of the step: in a git copy of the
+    steps, an untracked file leaves every patch current, and the same file tracked makes them stale."""
+    for folder in ROOT.glob("step*_*"):
+        shutil.copytree(folder, tmp_path / folder.name, ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "tools").mkdir()
+    shutil.copy(ROOT / "tools" / "make_patches.py", tmp_path / "tools")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "add", "."], cwd=tmp_path, check=True)
+    artifact = tmp_path / "step3_dataloader" / "wandb" / "offline-run-1" / "run.wandb"
+    artifact.parent.mkdir(parents=True)
+    artifact.write_text("written by a run\n")
+    check = [sys.executable, str(tmp_path / "tools" / "make_patches.py"), "--check"]
+    proc = subprocess.run(check, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    subprocess.run(["git", "add", str(artifact)], cwd=tmp_path, check=True)
+    proc = subprocess.run(check, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "step3_dataloader/patch_step_3.diff" in proc.stdout, proc.stdout + proc.stderr

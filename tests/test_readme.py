@@ -35,6 +35,38 @@ def test_readme_command_parses(command, monkeypatch):
     assert nproc == layout[0] * layout[1] * layout[2] * layout[3], (command, layout)
 
 
+
+def multi_node_launches():
+    """{source: (nnodes, the torchrun words)} for the README's many-machines command and tools/slurm_3d.sbatch,
+    their backslash-continued lines joined."""
+    readme = re.search(r"torchrun --nnodes .*?train\.py.*?(?<!\\)\n", README.replace("\\\n", " "), flags=re.S).group(0)
+    sbatch = (ROOT / "tools" / "slurm_3d.sbatch").read_text()
+    nodes = int(re.search(r"^#SBATCH --nodes=(\d+)", sbatch, flags=re.M).group(1))
+    srun = re.search(r"^srun (torchrun .*?)(?<!\\)\n", sbatch.replace("\\\n", " "), flags=re.M | re.S).group(1)
+    readme_words = shlex.split(readme)
+    return {"README": (int(readme_words[readme_words.index("--nnodes") + 1]), readme_words),
+            "slurm_3d.sbatch": (nodes, shlex.split(srun))}
+
+
+@pytest.mark.parametrize("source", ["README", "slurm_3d.sbatch"])
+def test_multi_node_commands_parse_and_fill_their_nodes(source, monkeypatch):
+    nnodes, words = multi_node_launches()[source]
+    script = next(word for word in words if word.endswith("train.py"))
+    nproc = int(words[words.index("--nproc_per_node") + 1])
+    assert {"--rdzv_backend", "--rdzv_endpoint", "--rdzv_id"} <= set(words), words
+    train = import_step(re.search(r"(step\d+)_", script).group(1), "train")
+    monkeypatch.setattr(sys, "argv", words[words.index(script):])
+    parsed = train.parse_args()
+    assert nnodes * nproc == parsed.tp_size * parsed.pp_size * parsed.dp_size * getattr(parsed, "cp_size", 1)
+    assert nproc % parsed.tp_size == 0  # tp groups stay inside a node
+    # the original 3D run's global batch of 2 x 8 x 2 = 32 sequences
+    assert parsed.micro_batch_size * parsed.gradient_accumulation_steps * parsed.dp_size == 32
+
+
+def test_the_slurm_script_is_valid_bash():
+    proc = subprocess.run(["bash", "-n", str(ROOT / "tools" / "slurm_3d.sbatch")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
 def test_step_table_line_counts_match_the_patches():
     rows = re.findall(r"^\| `(step\d+)_\w+/` \|.*\| \+(\d+) / −(\d+) \|$", README, flags=re.MULTILINE)
     assert len(rows) == 9  # steps 2..10 each have a patch
