@@ -47,14 +47,16 @@ def parse_args():
     parser.add_argument("--tp_size", type=integer(1), default=1)
     parser.add_argument("--dp_size", type=integer(1), default=1)
     parser.add_argument("--pp_size", type=integer(1), default=1)
-    parser.add_argument("--cp_size", type=integer(1), default=1, help="context parallel: ranks that split every sequence")
+    parser.add_argument("--cp_size", type=integer(1), default=1,
+                        help="context parallel: ranks that split every sequence")
     parser.add_argument("--pp_engine", choices=["afab", "1f1b"], default="afab")
     parser.add_argument("--bucket_size_mb", type=positive_float, default=25, help="data-parallel gradient bucket size")
     parser.add_argument("--run_name", type=str, default="default_run")
     parser.add_argument("--use_wandb", action="store_true")
     parser.add_argument("--metrics_file", type=output_file, default=None, help="JSON Lines file, one object per step")
     parser.add_argument("--save_dir", type=str, default=None, help="write checkpoints here")
-    parser.add_argument("--save_every", type=integer(0), default=0, help="checkpoint every N steps (0: only at the end)")
+    parser.add_argument("--save_every", type=integer(0), default=0,
+                        help="checkpoint every N steps (0: only at the end)")
     parser.add_argument("--keep_last", type=integer(1), default=2, help="complete checkpoints kept in --save_dir")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in --save_dir, in this run's layout or another")

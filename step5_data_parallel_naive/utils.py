@@ -179,7 +179,8 @@ def check_same_settings(args, config):
         for rank, other in enumerate(everyone):
             ranks_by_value.setdefault(repr(other.get(name)), []).append(rank)
         if len(ranks_by_value) > 1:
-            differences.append(f"{name} " + ", ".join(f"{value} on ranks {ranks}" for value, ranks in ranks_by_value.items()))
+            values = ", ".join(f"{value} on ranks {ranks}" for value, ranks in ranks_by_value.items())
+            differences.append(f"{name} {values}")
     if differences:
         fail("the ranks were started with different settings (every rank must run the same command): "
              + "; ".join(differences))

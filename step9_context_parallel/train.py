@@ -44,7 +44,8 @@ def parse_args():
     parser.add_argument("--tp_size", type=integer(1), default=1)
     parser.add_argument("--dp_size", type=integer(1), default=1)
     parser.add_argument("--pp_size", type=integer(1), default=1)
-    parser.add_argument("--cp_size", type=integer(1), default=1, help="context parallel: ranks that split every sequence")
+    parser.add_argument("--cp_size", type=integer(1), default=1,
+                        help="context parallel: ranks that split every sequence")
     parser.add_argument("--pp_engine", choices=["afab", "1f1b"], default="afab")
     parser.add_argument("--bucket_size_mb", type=positive_float, default=25, help="data-parallel gradient bucket size")
     parser.add_argument("--run_name", type=str, default="default_run")
