@@ -121,6 +121,10 @@ def load_config(args):
     if config.model_type != "llama":
         fail(f"model {args.model_name!r} is a {config.model_type!r} model; this tutorial builds Llama "
              f"(config model_type 'llama')")
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type != "default":  # Llama 3's "llama3" scaling, for one
+        fail(f"model {args.model_name!r} uses rope_type {rope_type!r}; this tutorial implements the default rotary "
+             f"embedding only")
     for name in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
         if getattr(args, name, None) is not None:
             setattr(config, name, getattr(args, name))

@@ -185,3 +185,16 @@ def test_a_sequence_longer_than_the_model_declares_is_allowed_with_one_warning(t
     warnings = [line for line in run.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1 and "--seq_len 1100" in warnings[0] and "max_position_embeddings 1024" in warnings[0]
     assert re.search(r"^Step: 1 \| Loss: \d", run.stdout, flags=re.M), run
+
+
+@pytest.mark.parametrize("step", ["step1", "step10"])
+def test_a_scaled_rotary_embedding_is_refused_by_name(step, tmp_path, capsys):
+    """Llama 3 configs scale their rotary embedding (rope_type "llama3"), which the model does not implement."""
+    config = transformers.AutoConfig.from_pretrained(ROOT / "assets" / "tiny_llama")
+    config.rope_parameters = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    config.save_pretrained(tmp_path)
+    utils = import_step(step, "utils")
+    with pytest.raises(SystemExit):
+        utils.load_config(argparse.Namespace(model_name=str(tmp_path), seq_len=32))
+    assert f"error: model '{tmp_path}' uses rope_type 'llama3'" in capsys.readouterr().err
