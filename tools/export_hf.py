@@ -1,10 +1,10 @@
-"""Export the latest complete checkpoint of a step 10 run, saved in any layout, as a Hugging Face Llama model:
+"""Export the latest complete checkpoint of a step 10 or step 11 run, saved in any layout and zero stage, as a Hugging Face Llama model:
 config.json (the run's model config, layer and head overrides included), the tokenizer, model.safetensors.
 
     python tools/export_hf.py runs/ckpt runs/tiny_llama_trained
     python -c "from transformers import LlamaForCausalLM; LlamaForCausalLM.from_pretrained('runs/tiny_llama_trained')"
 
-The weights are assembled exactly as a resume assembles them (step10_checkpoint/checkpoint.py): every tensor
+The weights are assembled exactly as a resume assembles them (step11_zero/checkpoint.py): every tensor
 from the tensor-parallel pieces of the files that hold it, the pipeline stages' layers under their global
 indices. The optimizer state stays behind.
 """
@@ -16,14 +16,14 @@ from pathlib import Path
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, LlamaConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "step10_checkpoint"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "step11_zero"))
 from checkpoint import complete_checkpoints, damage, read_full_tensors, read_metadata  # noqa: E402
 from utils import fail  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("save_dir", help="the --save_dir of a step 10 run")
+    parser.add_argument("save_dir", help="the --save_dir of a step 10 or step 11 run")
     parser.add_argument("out_dir", help="where to write the Hugging Face model directory")
     args = parser.parse_args()
 

@@ -1,0 +1,106 @@
+"""Checks step 11's ZeRO from inside a 4-process run (dp 2 x cp 2: one dp x cp group of 4); writes JSON.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 4 tests/zero_check.py out.json
+
+For zero stages 0, 1 and 2, in fp32 and bf16: a few optimizer steps (grad_acc 2) of the tiny model on random
+tokens that differ on every rank. After every step it gathers every rank's parameters and records whether
+they are bitwise identical across the group. It also records the most full fp32 gradient buffers of
+ZeRO-2 alive at once during backward, the number of buckets, and how the optimizer's fp32 master is split
+(each rank's owned elements, and whether the pieces tile the padded buckets). tests/test_zero.py asserts
+on the JSON.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "step11_zero"))
+import process_group_manager as pgm  # noqa: E402
+import zero  # noqa: E402
+from model import Llama  # noqa: E402
+from utils import load_config  # noqa: E402
+
+STEPS, GRAD_ACC, SEQ = 3, 2, 16
+
+
+class ScaledLlama(torch.nn.Module):
+    """The tiny Llama with 5 more parameters: their bucket (5 elements) needs padding to be cut in 4 pieces."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.llama = Llama(config)
+        self.scale = torch.nn.Parameter(torch.ones(5))
+
+    def forward(self, **kwargs):
+        return self.llama(**kwargs) * self.scale.mean()
+
+
+def train(zero_stage, dtype, live_buffers):
+    torch.manual_seed(0)  # the same initial weights on every rank
+    config = load_config(argparse.Namespace(model_name=str(ROOT / "assets" / "tiny_llama"), seq_len=SEQ,
+                                            num_hidden_layers=2, num_attention_heads=None, num_key_value_heads=None))
+    model = zero.ZeroDataParallel(ScaledLlama(config).to(dtype), zero_stage=zero_stage, bucket_size_mb=0.5)
+    optimizer = zero.ZeroAdamW(model, lr=1e-3)
+    generator = torch.Generator().manual_seed(1 + dist.get_rank())  # different tokens on every rank
+    identical = []
+    for _ in range(STEPS):
+        model.zero_grad()
+        for i in range(GRAD_ACC):
+            model.require_backward_grad_sync = i == GRAD_ACC - 1
+            tokens = torch.randint(0, config.vocab_size, (1, SEQ + 1), generator=generator)
+            logits = model(input_ids=tokens[:, :-1], position_ids=torch.arange(SEQ)[None])  # [1, seq, vocab]
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
+            (loss / GRAD_ACC).backward()
+        model.finish_gradient_synchronization()
+        optimizer.step()
+        mine = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
+        everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(everyone, mine)
+        identical.append(all(torch.equal(mine, other) for other in everyone))
+    return {"identical_after_each_step": identical, "buckets": len(model.buckets),
+            "owned": [bucket.master.numel() for bucket in model.buckets],
+            "padded": [bucket.padded_numel for bucket in model.buckets],
+            "max_live_full_grad_buffers": max(live_buffers, default=0),
+            "grad_buffers_after_sync": sum(bucket.grad_buffer is not None for bucket in model.buckets)}
+
+
+def main():
+    out = sys.argv[1]
+    dist.init_process_group("gloo")
+    pgm.setup_process_group_manager(tp_size=1, cp_size=2, pp_size=1, dp_size=2)
+    live_buffers = []
+    allocate = zero.ShardedBucket.allocate_grad_buffer
+
+    def counting_allocate(bucket):  # how many full fp32 gradient buffers exist while backward allocates one more
+        allocate(bucket)
+        live_buffers.append(sum(b.grad_buffer is not None for b in buckets_alive))
+
+    buckets_alive = []
+    zero.ShardedBucket.allocate_grad_buffer = counting_allocate
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for zero_stage in zero.ZERO_STAGES:
+            live_buffers.clear()
+            original_init = zero.ShardedBucket.__init__
+
+            def tracking_init(bucket, *args, **kwargs):
+                buckets_alive.append(bucket)
+                original_init(bucket, *args, **kwargs)
+
+            zero.ShardedBucket.__init__ = tracking_init
+            buckets_alive.clear()
+            results[f"{str(dtype).split('.')[1]}_zero{zero_stage}"] = train(zero_stage, dtype, live_buffers)
+            zero.ShardedBucket.__init__ = original_init
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
