@@ -208,7 +208,8 @@ def save_checkpoint(save_dir, step, tokens, model, optimizer, data_loader, run, 
                     "layout": {"tp_size": grid.tp_world_size, "cp_size": grid.cp_world_size,
                                "pp_size": grid.pp_world_size, "dp_size": grid.dp_world_size, "shards": shards}}
         path = checkpoint_file(checkpoint_dir, grid.pp_rank, grid.tp_rank, shard)
-        save_file({key: t.cpu().contiguous() for key, t in tensors.items()}, path + ".tmp",
+        # copies: safetensors refuses tensors that share memory (pieces of one flat buffer, the one step counter)
+        save_file({key: t.detach().to("cpu", copy=True) for key, t in tensors.items()}, path + ".tmp",
                   metadata={"json": json.dumps(metadata)})
         os.replace(path + ".tmp", path)  # atomic: a reader sees no file or the whole file
 

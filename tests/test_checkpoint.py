@@ -1,8 +1,11 @@
-"""Checkpoints (step10): bit-exact resume in every kind of layout, resuming in another layout (resharding),
+"""Checkpoints (step10, step11): bit-exact resume in every kind of layout, resuming in another layout (resharding),
 export to Hugging Face, --init_from_hf, a save killed with SIGKILL, the refusals that keep a run from being
-lost or mixed up with another, and no checkpointing in the steps before 10."""
+lost or mixed up with another, and no checkpointing in the steps before 10. Step 11: ZeRO shards saved once
+each, resumed in the same layout (fp32 and bf16) bit for bit, in another layout and zero stage, a step-10
+checkpoint resumed by step 11, and the export of a ZeRO-2 checkpoint."""
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -159,7 +162,8 @@ def export_and_compare(save_dir, out_dir):
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out_dir.iterdir()}
     hf_model = LlamaForCausalLM.from_pretrained(out_dir)
 
-    checkpoint, model_module = import_step("step10", "checkpoint", "model")
+    # step 11's reader, which reads step 10's checkpoints too
+    checkpoint, model_module = import_step("step11", "checkpoint", "model")
     checkpoint_dir = checkpoint.complete_checkpoints(str(save_dir))[-1]
     ours = model_module.Llama(LlamaConfig.from_dict(checkpoint.read_metadata(checkpoint_dir)["run"]["config"]))
     ours.load_hf_state_dict(checkpoint.read_full_tensors(checkpoint_dir, lambda key: key.startswith("model.")))
@@ -392,13 +396,114 @@ def test_a_run_that_would_lose_or_mix_up_another_is_refused_and_touches_nothing(
 CHECKPOINT_FLAGS = {"--save_dir", "--save_every", "--keep_last", "--resume", "--init_from_hf"}
 
 
-@pytest.mark.parametrize("step", [f"step{n}" for n in range(1, 11)])
-def test_checkpoints_are_the_technique_of_step_10_only(step, monkeypatch):
+@pytest.mark.parametrize("step", [f"step{n}" for n in range(1, 12)])
+def test_checkpoints_are_the_technique_of_step_10_on(step, monkeypatch):
     train = import_step(step, "train")
     # train.parse_args() builds the parser and parses; made to hand back the parser, it shows every flag.
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", lambda parser, *args, **kwargs: parser)
     flags = {option for action in train.parse_args()._actions for option in action.option_strings}
-    has_checkpoints = step == "step10"
+    has_checkpoints = step in ("step10", "step11")
     assert (flags & CHECKPOINT_FLAGS == CHECKPOINT_FLAGS) if has_checkpoints else not flags & CHECKPOINT_FLAGS, \
         sorted(flags & CHECKPOINT_FLAGS)
     assert (step_dir(step) / "checkpoint.py").exists() == has_checkpoints
+
+
+# Step 11: (layout, zero stage and dtype) -> launch arguments, each added to COMMON; saves at step 3 and 6.
+ZERO_LAYOUTS = {
+    "dp2_zero2": (2, [*LAYOUTS["dp2_bucket"][1], "--zero_stage", 2]),
+    "bf16_dp2_zero1": (2, [*LAYOUTS["dp2_bucket"][1], "--zero_stage", 1, "--dtype", "bfloat16"]),
+    "baseline": LAYOUTS["baseline"],
+    "tp2_zero1": (2, [*LAYOUTS["tp2"][1], "--zero_stage", 1]),
+}
+
+
+@pytest.fixture(scope="module")
+def zero_runs(torchrun, full_runs, tmp_path_factory):
+    """Step 11's uninterrupted runs that save, and its resumes from step 3: name or (saved in, resumed in) -> run
+    (and save_dir for the uninterrupted ones). ("step10", "baseline") resumes step 10's baseline checkpoint."""
+    def full(name):
+        nproc, args = ZERO_LAYOUTS[name]
+        save_dir = tmp_path_factory.mktemp(f"ckpt11_{name}")
+        return name, (torchrun("step11", nproc, *COMMON, *args, "--save_dir", save_dir, "--save_every", SAVE_AT),
+                      save_dir)
+
+    saved = launch_two_at_a_time(full, ["dp2_zero2", "bf16_dp2_zero1"])
+    saved["step10"] = full_runs["baseline"]
+
+    def resume(pair):
+        source, target = pair
+        save_dir = halfway_copy(saved[source][1], tmp_path_factory.mktemp(f"resume11_{source}_{target}") / "ckpt")
+        nproc, args = ZERO_LAYOUTS[target]
+        return pair, torchrun("step11", nproc, *COMMON, *args, "--save_dir", save_dir, "--resume")
+
+    resumed = launch_two_at_a_time(resume, [("dp2_zero2", "dp2_zero2"), ("bf16_dp2_zero1", "bf16_dp2_zero1"),
+                                            ("dp2_zero2", "baseline"), ("dp2_zero2", "tp2_zero1"),
+                                            ("step10", "baseline"), ("step10", "dp2_zero2")])
+    return {**saved, **resumed}
+
+
+@pytest.mark.parametrize("name", ["dp2_zero2", "bf16_dp2_zero1"])
+def test_zero_resume_in_the_same_layout_continues_bit_for_bit(zero_runs, name):
+    """In bf16 too: the checkpoint holds the fp32 master, not the bf16 weights."""
+    full, _ = zero_runs[name]
+    run = zero_runs[(name, name)]
+    assert full.returncode == 0, full
+    assert run.returncode == 0, run
+    assert [m["step"] for m in run.metrics] == [4, 5, 6]
+    assert run.losses == full.losses[SAVE_AT:]
+
+
+def test_each_zero_shard_is_written_once_by_the_rank_that_owns_it(zero_runs, torchrun):
+    from safetensors import safe_open
+    _, save_dir = zero_runs["dp2_zero2"]
+    files = sorted((save_dir / "step_000003").glob("*.safetensors"))
+    assert [f.name for f in files] == ["pp00_tp00_shard00.safetensors", "pp00_tp00_shard01.safetensors"]
+    written = {}  # tensor -> [(start, end)] over both files
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            ranges = json.loads(f.metadata()["json"])["ranges"]
+            for key in f.keys():
+                if key.startswith("model."):
+                    start, end, _ = ranges[key.removeprefix("model.")]
+                    assert f.get_tensor(key).numel() == end - start
+                    written.setdefault(key, []).append((start, end))
+    model = import_step("step11", "model")
+    sizes = {f"model.{name}": p.numel() for name, p in model.Llama(LlamaConfig.from_dict(
+        json.loads(safe_open(files[0], framework="pt").metadata()["json"])["run"]["config"])).named_parameters()}
+    assert set(written) == set(sizes)
+    for key, spans in written.items():  # the pieces of each tensor tile it: no gap, no element written twice
+        spans.sort()
+        assert spans[0][0] == 0 and spans[-1][1] == sizes[key], (key, spans)
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), (key, spans)
+    assert sum(end - start for spans in written.values() for start, end in spans) == sum(sizes.values())
+
+
+@pytest.mark.parametrize("target,reference", [("baseline", "baseline"), ("tp2_zero1", "tp2")])
+def test_a_zero_2_checkpoint_resumes_in_another_layout_and_stage(zero_runs, full_runs, target, reference):
+    """dp 2 ZeRO-2 -> one process at stage 0, or tp 2 at ZeRO-1: the losses of an uninterrupted run of the target
+    layout (step 10's, which step 11 at fp32 reproduces)."""
+    run, reference = zero_runs[("dp2_zero2", target)], full_runs[reference][0]
+    assert run.returncode == 0, run
+    assert [m["step"] for m in run.metrics] == [4, 5, 6]
+    assert abs(run.losses[0] - reference.losses[SAVE_AT]) <= 1e-5
+    assert max_abs_diff(run.losses, reference.losses[SAVE_AT:]) <= 1e-4, (run.losses, reference.losses)
+
+
+def test_a_step_10_checkpoint_resumes_in_step_11_bit_for_bit(zero_runs, full_runs):
+    run, reference = zero_runs[("step10", "baseline")], full_runs["baseline"][0]
+    assert run.returncode == 0, run
+    assert "resumed from step 3" in run.stdout
+    assert run.losses == reference.losses[SAVE_AT:]
+
+
+def test_a_step_10_checkpoint_resumes_sharded_by_zero_2(zero_runs, full_runs):
+    run, reference = zero_runs[("step10", "dp2_zero2")], full_runs["dp2_bucket"][0]
+    assert run.returncode == 0, run
+    assert [m["step"] for m in run.metrics] == [4, 5, 6]
+    assert max_abs_diff(run.losses, reference.losses[SAVE_AT:]) <= 1e-4, (run.losses, reference.losses)
+
+
+def test_export_of_a_zero_2_checkpoint_loads_in_transformers(zero_runs, tmp_path):
+    full, save_dir = zero_runs["dp2_zero2"]
+    assert full.returncode == 0, full
+    export_and_compare(halfway_copy(save_dir, tmp_path / "ckpt"), tmp_path / "hf")
