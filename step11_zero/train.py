@@ -20,11 +20,11 @@ from model import Llama
 from pipeline_parallel import PipelineParallel, train_step_pipeline_1f1b, train_step_pipeline_afab
 from process_group_manager import node_warning, setup_process_group_manager, validate_layout
 from tensor_parallel import apply_tensor_parallel
-from zero import ZERO_STAGES, ZeroAdamW, ZeroDataParallel
 from utils import (ArgumentParser, DEFAULT_MODEL, MetricsLogger, average_loss_across_dp_cp_ranks, check_loss,
                    check_same_settings, close_distributed, fail, flops_per_token, init_distributed, integer,
                    load_config, output_file, peak_flops_per_device, peak_memory_gb, peer_failures_end_the_run,
                    positive_float, resolve_device, resolve_dtype, set_all_seed, to_readable_format, warn)
+from zero import ZERO_STAGES, ZeroAdamW, ZeroDataParallel
 
 
 def parse_args():
@@ -152,8 +152,9 @@ def main():
 
     logger = MetricsLogger(args.metrics_file, args.use_wandb, args.run_name, vars(args)) if is_logging_rank else None
     if is_logging_rank:
-        print(f"model: {args.model_name} | {to_readable_format(num_params)} parameters | device {device} {dtype} | zero stage {args.zero_stage} "
-              f"| {len(data_loader.tokenized_dataset)} chunks of {args.seq_len + 1} tokens", flush=True)
+        print(f"model: {args.model_name} | {to_readable_format(num_params)} parameters | device {device} {dtype} "
+              f"| zero stage {args.zero_stage} | {len(data_loader.tokenized_dataset)} chunks of {args.seq_len + 1} "
+              f"tokens", flush=True)
         # MFU counts the whole model's FLOPs whatever this rank holds, and each device's share of them.
         model_flops_per_token = flops_per_token(config, args.seq_len)
         peak_flops, peak_source = peak_flops_per_device(device, dtype, args.peak_tflops)
