@@ -26,6 +26,7 @@ LAYOUTS = {
     "dp4_zero2": (4, "--micro_batch_size", 1, "--gradient_accumulation_steps", 1, "--dp_size", 4, "--zero_stage", 2),
     "dp2_tp2_zero1": (4, *DP2, "--tp_size", 2, "--zero_stage", 1),
     "dp2_pp2_1f1b_zero2": (4, *DP2, "--pp_size", 2, "--pp_engine", "1f1b", "--zero_stage", 2),
+    "dp2_pp2_afab_zero1": (4, *DP2, "--pp_size", 2, "--pp_engine", "afab", "--zero_stage", 1),
     "dp2_cp2_zero2": (4, *DP2, "--cp_size", 2, "--zero_stage", 2),
     "dp2_tp2_pp2_1f1b_zero1": (8, *DP2, "--tp_size", 2, "--pp_size", 2, "--pp_engine", "1f1b", "--zero_stage", 1),
 }
