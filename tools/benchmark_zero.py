@@ -1,0 +1,431 @@
+"""ZeRO-1/2 (step 11) per rank: memory of parameters, gradients and optimizer state, bytes sent and step time,
+for zero_stage 0, 1, 2 at dp 1, 2, 4 on CPU with gloo, beside PyTorch's ZeRO-1.
+
+For each dp size N, N processes train the same Llama (same seed) on the same random batches with
+step11_zero/zero.py, one model per zero stage, taking turns (1 warm-up step each, then rounds of one step
+each, order rotated every round) so all see the same machine load. Per rank it measures:
+
+  param_bytes      the compute parameters (the buckets' flat parameter buffers)
+  grad_bytes       the most fp32 gradient memory held at any moment of the step: full bucket buffers alive
+                   plus owned shards. ShardedBucket.allocate_grad_buffer and finish_reduction are wrapped
+                   here to follow the live bytes (zero.py is not changed): at stage 2 the full buffers of
+                   the buckets being filled or reduced exist only for a moment, the end of a step misses them
+  optimizer_bytes  the fp32 master where it is a separate copy (not at fp32) + AdamW's exp_avg, exp_avg_sq
+  bytes_sent       per rank per optimizer step, counted by wrapping torch.distributed.all_reduce,
+                   reduce_scatter_single and all_gather_single (or their pre-2.13 names), ring convention:
+                   an all-reduce of B bytes sends 2 (N-1)/N x B, a reduce-scatter and an all-gather
+                   (N-1)/N x B of the full buffer
+  step_seconds     median over the timed steps (the group waits at a barrier before and after each), and
+                   tokens/s of the whole group
+
+The goal column holds each row against the ZeRO paper's accounting, taken from stage 0 at dp 1 (P, G, O its
+param, grad and optimizer bytes): stage 0 P + G + O, stage 1 P + G + O/N, stage 2 P + (G + O)/N. A bucket never
+splits a parameter, so at stage 2 the largest parameters bound the gradient buffers in flight
+(MAX_REDUCTIONS_IN_FLIGHT reducing + the one backward fills): the default model is deep and narrow, with a
+small vocabulary, so that its largest matrix is 0.6% of the weights and those buffers stay under 2% of the
+gradient bytes (measured with hidden 512, 8 layers, vocabulary 4096, 29.4M parameters: the embedding is 7.1%
+of the weights, 16 MB of buffers in flight are 14% of the gradients, and stage 2 sits 9.5% above the formula
+at dp 4).
+
+The anchor, at every dp size > 1: torch.distributed.optim.ZeroRedundancyOptimizer(optimizer_class=AdamW)
+with DistributedDataParallel (same bucket size), against our stage 1, both in fp32 whatever --dtype: in
+bf16 their recipe steps bf16 parameters with bf16 moments and no fp32 master, a different algorithm with
+different losses, so fp32, where both run the same AdamW on the same weights, is the honest comparison of
+losses and time. Their bytes sent are not counted (DDP's all-reduces run in C++, past the wrappers) and
+neither are their gradients (DDP keeps its own buckets beside param.grad); their optimizer state is.
+
+It measures, it never asserts (tests/test_benchmark_zero.py does). On a 2-core machine shared with other
+work, the times are noisy; the bytes are exact.
+
+    python tools/benchmark_zero.py                                  # bf16, dp 1 2 4, ~4 minutes on 2 cores
+    python tools/benchmark_zero.py --plot assets/zero_memory.png    # and draw the memory per rank
+    python tools/benchmark_zero.py --dtype float32 --dp_sizes 1 2 --json
+"""
+import argparse
+import contextlib
+import inspect
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.nn.parallel import DistributedDataParallel
+from transformers import LlamaConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "step11_zero"))
+import process_group_manager as pgm  # noqa: E402
+import zero  # noqa: E402
+from model import Llama  # noqa: E402
+from zero import MAX_REDUCTIONS_IN_FLIGHT, ShardedBucket, ZeroAdamW, ZeroDataParallel  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tools" / "lib"))
+from measure import free_port  # noqa: E402
+
+STAGES = (0, 1, 2)
+MB = 2**20
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name", default=str(ROOT / "assets" / "tiny_llama"), help="config to start from")
+    parser.add_argument("--hidden_size", type=int, default=256)
+    parser.add_argument("--intermediate_size", type=int, default=768)
+    parser.add_argument("--num_hidden_layers", type=int, default=40)
+    parser.add_argument("--vocab_size", type=int, default=512)
+    parser.add_argument("--seq_len", type=int, default=64)
+    parser.add_argument("--micro_batch_size", type=int, default=1)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=2)
+    parser.add_argument("--bucket_size_mb", type=float, default=0.5, help="ours and DDP's bucket_cap_mb")
+    parser.add_argument("--dp_sizes", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="our compute dtype")
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps (after 1 warm-up step)")
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--json", action="store_true", help="print one JSON object per line instead of a table")
+    parser.add_argument("--plot", default=None, help="draw the memory per rank into this PNG")
+    return parser.parse_args()
+
+
+def model_config(args):
+    config = LlamaConfig.from_pretrained(args.model_name)
+    for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"):
+        setattr(config, name, getattr(args, name))
+    config.head_dim = config.hidden_size // config.num_attention_heads  # loading derived it from the file's size
+    return config
+
+
+def nbytes(tensor):
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()
+
+
+class GradientMeter:
+    """Live bytes of one model's fp32 gradients (full bucket buffers + owned shards) and their maximum."""
+
+    meters = {}  # ShardedBucket -> its model's meter
+
+    def __init__(self, buckets):
+        self.live = sum(nbytes(bucket.grad_buffer) + nbytes(bucket.grad_shard) for bucket in buckets)
+        self.peak = self.live
+        for bucket in buckets:
+            GradientMeter.meters[bucket] = self
+
+    def add(self, delta):
+        self.live += delta
+        self.peak = max(self.peak, self.live)
+
+    @staticmethod
+    def watch():
+        """Wrap the two methods that create and drop a bucket's full gradient buffer. Counting the difference
+        keeps each call O(1): summing all buckets at every gradient would slow the step being timed."""
+        for name in ("allocate_grad_buffer", "finish_reduction"):
+            def wrapped(bucket, original=getattr(ShardedBucket, name)):
+                before = nbytes(bucket.grad_buffer)
+                original(bucket)
+                meter = GradientMeter.meters.get(bucket)  # none yet while the model is being wrapped
+                if meter:
+                    meter.add(nbytes(bucket.grad_buffer) - before)
+            setattr(ShardedBucket, name, wrapped)
+
+
+class SentBytes:
+    """Bytes this rank sends in collectives, by the ring convention (what NCCL's ring sends; gloo's algorithms
+    differ, see zero.py's docstring)."""
+
+    # collective -> (its argument that is the full buffer, share of it each rank sends times N / (N - 1));
+    # torch 2.13 renamed reduce_scatter_tensor and all_gather_into_tensor to *_single: both names are counted
+    COLLECTIVES = {"all_reduce": ("tensor", 2), "reduce_scatter_single": ("input", 1),
+                   "reduce_scatter_tensor": ("input", 1), "all_gather_single": ("output_tensor", 1),
+                   "all_gather_into_tensor": ("output_tensor", 1)}
+
+    def __init__(self):
+        self.total = 0
+        for name, (buffer, share) in self.COLLECTIVES.items():
+            if hasattr(dist, name):
+                self.wrap(name, buffer, share)
+
+    def wrap(self, name, buffer, share):
+        original = getattr(dist, name)
+        signature = inspect.signature(original)
+
+        def wrapped(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            num_ranks = dist.get_world_size(bound.arguments.get("group"))
+            self.total += share * (num_ranks - 1) * nbytes(bound.arguments[buffer]) // num_ranks
+            return original(*args, **kwargs)
+        setattr(dist, name, wrapped)
+        # zero.py may have bound its own name to the collective at import: rebind that one too
+        for attribute, value in list(vars(zero).items()):
+            if value is original:
+                setattr(zero, attribute, wrapped)
+
+
+def build_ours(config, zero_stage, dtype, args):
+    torch.manual_seed(0)  # every contestant starts from the same weights
+    model = ZeroDataParallel(Llama(config).to(dtype), zero_stage=zero_stage, bucket_size_mb=args.bucket_size_mb)
+    return model, ZeroAdamW(model, lr=args.learning_rate)
+
+
+def build_torch(config, group, args):
+    torch.manual_seed(0)
+    model = DistributedDataParallel(Llama(config), process_group=group, bucket_cap_mb=args.bucket_size_mb)
+    optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, process_group=group,
+                                        lr=args.learning_rate)
+    return model, optimizer
+
+
+def train_step(kind, model, optimizer, micro_batches):
+    """micro_batches: [grad_acc, micro_batch, seq + 1] tokens of this rank. Returns the local loss."""
+    grad_acc = len(micro_batches)
+    model.zero_grad()  # ours: also empties the gradient buckets
+    acc_loss = 0.0
+    for i, tokens in enumerate(micro_batches):
+        last = i == grad_acc - 1
+        if kind == "ours":
+            model.require_backward_grad_sync = last
+        # DDP all-reduces in the backward of the last micro-batch only, as ours reduces (stages 0, 1) then.
+        with model.no_sync() if kind == "torch" and not last else contextlib.nullcontext():
+            logits = model(tokens[:, :-1])  # [batch, seq, vocab]
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
+            loss = loss / grad_acc
+            loss.backward()
+        acc_loss += loss.item()
+    if kind == "ours":
+        model.finish_gradient_synchronization()
+    optimizer.step()
+    return acc_loss
+
+
+def ours_memory(model, optimizer, meter):
+    buckets = model.buckets
+    moments = sum(nbytes(state[key]) for state in optimizer.optimizer.state.values()
+                  for key in ("exp_avg", "exp_avg_sq"))
+    return {"param_bytes": sum(nbytes(bucket.param_buffer) for bucket in buckets),
+            "grad_bytes": meter.peak,
+            "optimizer_bytes": moments + sum(nbytes(b.master) for b in buckets if not b.master_is_param),
+            "grad_shard_bytes": sum(nbytes(bucket.grad_shard) for bucket in buckets),
+            "largest_bucket_bytes": max(bucket.padded_numel for bucket in buckets) * 4,  # its fp32 buffer
+            "num_buckets": len(buckets)}
+
+
+def torch_memory(model, optimizer):
+    moments = sum(nbytes(state[key]) for state in optimizer.optim.state.values() for key in ("exp_avg", "exp_avg_sq"))
+    return {"param_bytes": sum(nbytes(p) for p in model.parameters()), "grad_bytes": None,
+            "optimizer_bytes": moments}  # fp32: the master is the parameter
+
+
+def worker(rank, dp_size, port, args, result_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=dp_size)
+    pgm.setup_process_group_manager(tp_size=1, cp_size=1, pp_size=1, dp_size=dp_size)
+    group = pgm.process_group_manager.cp_dp_group
+    GradientMeter.watch()
+    sent = SentBytes()
+    config = model_config(args)
+    dtype = getattr(torch, args.dtype)
+
+    # (kind, zero stage, dtype): our three stages, then the fp32 pair that compares with PyTorch's ZeRO-1
+    contestants = [("ours", stage, args.dtype) for stage in STAGES]
+    if dp_size > 1:
+        if dtype != torch.float32:
+            contestants.append(("ours", 1, "float32"))
+        contestants.append(("torch", 1, "float32"))
+    built = {}
+    for key in contestants:
+        kind, stage, dtype_name = key
+        if kind == "ours":
+            model, optimizer = build_ours(config, zero_stage=stage, dtype=getattr(torch, dtype_name), args=args)
+            built[key] = model, optimizer, GradientMeter(model.buckets)
+        else:
+            built[key] = (*build_torch(config, group, args), None)
+    num_params = sum(p.numel() for p in built[contestants[0]][0].parameters())
+
+    generator = torch.Generator().manual_seed(1)
+    # [steps, grad_acc, dp, micro_batch, seq + 1]: the same global batches for every contestant
+    batches = torch.randint(config.vocab_size, (1 + args.steps, args.gradient_accumulation_steps, dp_size,
+                                                args.micro_batch_size, args.seq_len + 1), generator=generator)
+    losses = {key: [] for key in contestants}
+    seconds = {key: [] for key in contestants}
+    sent_per_step = {key: 0 for key in contestants}
+    for step in range(1 + args.steps):  # step 0 warms up
+        shift = step % len(contestants)
+        for key in contestants[shift:] + contestants[:shift]:
+            model, optimizer, _ = built[key]
+            dist.barrier()
+            sent.total = 0
+            start = time.perf_counter()
+            losses[key].append(train_step(key[0], model, optimizer, micro_batches=batches[step, :, rank]))
+            dist.barrier()
+            if step:
+                seconds[key].append(time.perf_counter() - start)
+            sent_per_step[key] = sent.total
+
+    results = []
+    for key in contestants:
+        kind, stage, dtype_name = key
+        model, optimizer, meter = built[key]
+        memory = ours_memory(model, optimizer, meter) if kind == "ours" else torch_memory(model, optimizer)
+        results.append({"contestant": kind, "zero_stage": stage, "dtype": dtype_name, "dp_size": dp_size,
+                        "num_params": num_params, **memory,
+                        "bytes_sent": sent_per_step[key] if kind == "ours" else None,
+                        "step_seconds": seconds[key], "losses": losses[key]})
+    (Path(result_dir) / f"{dp_size}_{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def merge_ranks(per_rank, tokens_per_step):
+    """One row from every rank's result of one contestant: the fullest rank's bytes (what must fit), the
+    slowest rank's time per step, the loss averaged over the ranks (the loss of the global batch)."""
+    row = dict(per_rank[0])
+    for key in ("param_bytes", "grad_bytes", "optimizer_bytes", "grad_shard_bytes", "bytes_sent"):
+        if row.get(key) is not None:
+            row[key] = max(r[key] for r in per_rank)
+    row["step_seconds"] = statistics.median(max(times) for times in zip(*(r["step_seconds"] for r in per_rank)))
+    row["tokens_per_second"] = tokens_per_step * row["dp_size"] / row["step_seconds"]
+    row["losses"] = [statistics.fmean(step) for step in zip(*(r["losses"] for r in per_rank))]
+    return row
+
+
+def add_expected(rows, dtype):
+    """expected_total_bytes: the ZeRO paper's accounting from P, G, O of stage 0 at dp 1."""
+    base = next((r for r in rows if r["contestant"] == "ours" and r["dtype"] == dtype and r["zero_stage"] == 0
+                 and r["dp_size"] == 1), None)
+    for row in rows:
+        expected = None
+        if base and row["contestant"] == "ours" and row["dtype"] == dtype:
+            P, G, O, N = base["param_bytes"], base["grad_bytes"], base["optimizer_bytes"], row["dp_size"]
+            expected = (P + G + O, P + G + O / N, P + (G + O) / N)[row["zero_stage"]]
+        row["expected_total_bytes"] = expected
+
+
+def total_bytes(row):
+    return row["param_bytes"] + row["grad_bytes"] + row["optimizer_bytes"]
+
+
+def cpu_name():
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+    except FileNotFoundError:
+        lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.lower().startswith("model name")]
+    return names[0] if names else platform.processor() or "unknown CPU"
+
+
+def print_table(rows, args):
+    ours = [r for r in rows if r["contestant"] == "ours" and r["dtype"] == args.dtype]
+    first = ours[0]
+    grads = first["num_params"] * 4
+    in_flight = (MAX_REDUCTIONS_IN_FLIGHT + 1) * first["largest_bucket_bytes"]
+    print(f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, gloo | {first['num_params'] / 1e6:.1f}M "
+          f"parameters: hidden {args.hidden_size}, intermediate {args.intermediate_size}, {args.num_hidden_layers} "
+          f"layers, vocab {args.vocab_size} | {args.dtype} compute, fp32 gradients and AdamW | seq_len {args.seq_len}, "
+          f"micro_batch {args.micro_batch_size}, grad_acc {args.gradient_accumulation_steps} | {args.steps} timed "
+          f"steps after 1 warm-up")
+    print(f"buckets of at most {args.bucket_size_mb} MB (a larger parameter gets its own): {first['num_buckets']} "
+          f"at dp 1, the largest {first['largest_bucket_bytes'] / MB:.2f} MB; stage 2 holds at most "
+          f"{MAX_REDUCTIONS_IN_FLIGHT + 1} full buffers ({MAX_REDUCTIONS_IN_FLIGHT} reducing + the one backward "
+          f"fills) = {in_flight / MB:.2f} MB = {in_flight / grads:.2%} of the {grads / MB:.1f} MB of fp32 gradients")
+    base = next((r for r in ours if r["zero_stage"] == 0 and r["dp_size"] == 1), None)
+    if base:
+        print(f"P, G, O (stage 0, dp 1): {base['param_bytes'] / MB:.1f}, {base['grad_bytes'] / MB:.1f}, "
+              f"{base['optimizer_bytes'] / MB:.1f} MB | expected per rank: stage 0 P + G + O, stage 1 P + G + O/N, "
+              f"stage 2 P + (G + O)/N | sent/G: bytes sent per step over G")
+    print(f"{'stage':>5} {'dp':>3} {'params MB':>10} {'grads MB':>9} {'optim MB':>9} {'total MB':>9} "
+          f"{'expected':>9} {'ratio':>6} {'goal':>5} {'sent MB':>8} {'sent/G':>7} {'ms/step':>8} {'tokens/s':>9}")
+    for row in ours:
+        expected, total = row["expected_total_bytes"], total_bytes(row)
+        goal = f"{'-':>9} {'-':>6} {'-':>5}"  # no stage 0 at dp 1 to take P, G, O from
+        if expected:
+            verdict = "ok" if abs(total / expected - 1) <= 0.05 else "MISS"
+            goal = f"{expected / MB:>9.1f} {total / expected:>6.3f} {verdict:>5}"
+        print(f"{row['zero_stage']:>5} {row['dp_size']:>3} {row['param_bytes'] / MB:>10.1f} "
+              f"{row['grad_bytes'] / MB:>9.1f} {row['optimizer_bytes'] / MB:>9.1f} {total / MB:>9.1f} {goal} "
+              f"{row['bytes_sent'] / MB:>8.1f} {row['bytes_sent'] / grads:>7.3f} {row['step_seconds'] * 1000:>8.0f} "
+              f"{row['tokens_per_second']:>9.0f}")
+
+    pairs = [(ours_row, theirs) for theirs in rows if theirs["contestant"] == "torch"
+             for ours_row in rows if ours_row["contestant"] == "ours" and ours_row["dtype"] == "float32"
+             and ours_row["zero_stage"] == 1 and ours_row["dp_size"] == theirs["dp_size"]]
+    if not pairs:
+        return
+    print("vs PyTorch's ZeRO-1, ZeroRedundancyOptimizer(AdamW) + DistributedDataParallel: both fp32, same weights, "
+          "batches and bucket size; losses averaged over the ranks, warm-up step first")
+    print(f"{'dp':>3} {'ours ms':>8} {'torch ms':>9} {'ours/torch':>10} {'optim MB ours':>13} {'torch':>6} "
+          f"{'max |dloss|':>11}  losses ours | torch")
+    for ours_row, theirs in pairs:
+        diff = max(abs(a - b) for a, b in zip(ours_row["losses"], theirs["losses"]))
+        print(f"{ours_row['dp_size']:>3} {ours_row['step_seconds'] * 1000:>8.0f} {theirs['step_seconds'] * 1000:>9.0f} "
+              f"{ours_row['step_seconds'] / theirs['step_seconds']:>10.3f} "
+              f"{ours_row['optimizer_bytes'] / MB:>13.1f} {theirs['optimizer_bytes'] / MB:>6.1f} {diff:>11.2e}  "
+              f"{' '.join(f'{x:.5f}' for x in ours_row['losses'])} | {' '.join(f'{x:.5f}' for x in theirs['losses'])}")
+
+
+def plot(rows, path, dtype):
+    """Stacked bars params / grads / optimizer per stage, grouped by dp size, each beside an outlined bar as
+    tall as the formula's total."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ours = [r for r in rows if r["contestant"] == "ours" and r["dtype"] == dtype]
+    dp_sizes = sorted({r["dp_size"] for r in ours})
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    width, ticks, labels = 0.32, [], []
+    for group_index, dp_size in enumerate(dp_sizes):
+        for row in (r for r in ours if r["dp_size"] == dp_size):
+            x = group_index * (len(STAGES) + 1) + row["zero_stage"]
+            bottom = 0
+            for key, color, label in (("param_bytes", "#4c72b0", "parameters"), ("grad_bytes", "#dd8452", "gradients"),
+                                      ("optimizer_bytes", "#55a868", "fp32 master + AdamW moments")):
+                ax.bar(x, row[key] / MB, width, bottom=bottom, color=color, label=label if x == 0 else None)
+                bottom += row[key] / MB
+            if row["expected_total_bytes"]:
+                ax.bar(x + width, row["expected_total_bytes"] / MB, width, fill=False, linestyle="--",
+                       edgecolor="black", label="ZeRO paper's formula" if x == 0 else None)
+                ax.annotate(f"{total_bytes(row) / row['expected_total_bytes']:.3f}", (x + width / 2, bottom),
+                            ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
+            ticks.append(x + width / 2)
+            labels.append(f"stage {row['zero_stage']}\ndp {dp_size}")
+    ax.set_xticks(ticks, labels, fontsize=8)
+    ax.set_ylabel("MB per rank")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.15)  # room for the legend above the tallest bars
+    num_params = ours[0]["num_params"]
+    ax.set_title(f"ZeRO memory per rank, {num_params / 1e6:.1f}M parameters, {dtype} compute "
+                 f"(measured; numbers: measured / formula)", fontsize=10)
+    ax.legend(fontsize=8, ncol=4, loc="upper center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main():
+    args = parse_args()
+    tokens_per_step = args.gradient_accumulation_steps * args.micro_batch_size * args.seq_len  # per rank
+    rows = []
+    with tempfile.TemporaryDirectory() as result_dir:
+        for dp_size in args.dp_sizes:
+            mp.spawn(worker, args=(dp_size, free_port(), args, result_dir), nprocs=dp_size)
+            per_rank = [json.loads((Path(result_dir) / f"{dp_size}_{rank}.json").read_text())
+                        for rank in range(dp_size)]
+            rows += [merge_ranks(list(contestant), tokens_per_step) for contestant in zip(*per_rank)]
+    add_expected(rows, args.dtype)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print_table(rows, args)
+    if args.plot:
+        plot(rows, args.plot, args.dtype)
+
+
+if __name__ == "__main__":
+    main()
