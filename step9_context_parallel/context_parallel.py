@@ -148,9 +148,9 @@ def attention_block_forward(q, k, v, causal):
     if q.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=causal)
     if use_cuda_flash(q):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, is_causal=causal)[:2]
-        return out, lse
-    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, is_causal=causal)[:2]
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, is_causal=causal)[:2]
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, attn_bias=None, compute_log_sumexp=True,
+                                                                      is_causal=causal)[:2]
     return out, lse[..., :q.shape[2]]  # the kernel pads lse to a multiple of 32 queries
 
 
@@ -162,16 +162,18 @@ def attention_block_backward(grad_out, q, k, v, out, lse, causal):
     lse = lse.contiguous()
     if q.device.type == "cpu":
         grad_q, grad_k, grad_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out, q, k, v, out, lse, 0.0, causal)
+            grad_out, q, k, v, out=out, logsumexp=lse, dropout_p=0.0, is_causal=causal)
     elif use_cuda_flash(q):
         no_rng = torch.empty((), dtype=torch.long)  # dropout is off: no random state to replay
         grad_q, grad_k, grad_v = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            grad_out, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, causal, no_rng, no_rng)
+            grad_out, q, k, v, out=out, logsumexp=lse, cum_seq_q=None, cum_seq_k=None, max_q=q.shape[2],
+            max_k=k.shape[2], dropout_p=0.0, is_causal=causal, philox_seed=no_rng, philox_offset=no_rng)
     else:
         no_rng = torch.empty((), dtype=torch.long)
         padded_lse = F.pad(lse, (0, -q.shape[2] % 32), value=float("inf"))  # the padding the kernel expects
         grad_q, grad_k, grad_v, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-            grad_out, q, k, v, None, out, padded_lse, no_rng, no_rng, 0.0, [True, True, True, False], causal)
+            grad_out, q, k, v, attn_bias=None, out=out, logsumexp=padded_lse, philox_seed=no_rng,
+            philox_offset=no_rng, dropout_p=0.0, grad_input_mask=[True, True, True, False], is_causal=causal)
     return grad_q, sum_over_groups(grad_k, kv_heads), sum_over_groups(grad_v, kv_heads)
 
 
