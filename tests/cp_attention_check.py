@@ -27,7 +27,7 @@ from conftest import import_step  # noqa: E402
 
 pgm, cp = import_step("step9", "process_group_manager", "context_parallel")
 
-BATCH, HEADS, KV_HEADS, SEQ, HEAD_DIM = 2, 8, 2, 24, 16  # SEQ divides by 2 x cp for cp 2 and 4
+BATCH, HEADS, KV_HEADS, SEQ, HEAD_DIM = 2, 8, 2, 24, 16  # SEQ divides by 2 x cp for cp 2, 3 and 4
 KERNELS = {"fused": (cp.attention_block_forward, cp.attention_block_backward),
            "reference": (cp.reference_block_forward, cp.reference_block_backward)}
 NAMES = ["output", "grad_q", "grad_k", "grad_v"]
