@@ -2,8 +2,10 @@
 
 Every optimizer step consumes one global batch of micro_batch_size x grad_acc_steps x dp_size
 chunks. The DistributedSampler deals each rank its own share of one shuffled order, so the union
-of the ranks' micro-batches is the same global batch whatever the layout. The ranks of a cp group
-draw the same sequences and each keeps its share of their tokens.
+of the ranks' micro-batches is the same global batch in every layout until the first epoch ends. An
+epoch drops the last N mod (micro_batch_size x dp_size) of the N chunks: from then on two layouts see
+the same batches only where that remainder is the same. The ranks of a cp group draw the same
+sequences and each keeps its share of their tokens.
 """
 import hashlib
 import os
@@ -118,14 +120,17 @@ class MicroBatchDataLoader(DataLoader):
                                  desc="Tokenizing and chunking")
         return chunks.with_format("numpy")
 
-    def collate_batch(self, chunks):
+    # Static: each DataLoader worker process receives collate_fn pickled, and a bound method would take the
+    # whole loader along, with the previous epoch's iterator, which cannot be pickled (spawned workers).
+    @staticmethod
+    def collate_batch(chunks):
         tokens = torch.from_numpy(np.stack([chunk["input_ids"] for chunk in chunks]))  # [batch, seq + 1]
         batch, seq = tokens.shape[0], tokens.shape[1] - 1
-        return split_batch_for_context_parallel({
+        return {
             "input_ids": tokens[:, :-1],  # [batch, seq]
             "target_ids": tokens[:, 1:],  # [batch, seq]: the next token of every position
             "position_ids": torch.arange(seq).expand(batch, seq),
-        })  # [batch, seq / cp] each
+        }
 
     def __iter__(self):
         return self  # an endless stream of micro-batches; __next__ starts each epoch's DataLoader iterator
@@ -143,7 +148,9 @@ class MicroBatchDataLoader(DataLoader):
             self._iterator = super().__iter__()
             batch = next(self._iterator)
         self.micro_batches_in_epoch += 1
-        return batch
+        # Split here, in the training process: collate_batch may run in DataLoader worker processes
+        # (--num_workers), and a spawned worker has no process grid.
+        return split_batch_for_context_parallel(batch)  # [batch, seq / cp] each
 
     def state_dict(self):
         """The data position in global terms, so that it carries over to another layout. The sampler deals dp rank r

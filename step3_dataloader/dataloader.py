@@ -112,7 +112,10 @@ class MicroBatchDataLoader(DataLoader):
                                  desc="Tokenizing and chunking")
         return chunks.with_format("numpy")
 
-    def collate_batch(self, chunks):
+    # Static: each DataLoader worker process receives collate_fn pickled, and a bound method would take the
+    # whole loader along, with the previous epoch's iterator, which cannot be pickled (spawned workers).
+    @staticmethod
+    def collate_batch(chunks):
         tokens = torch.from_numpy(np.stack([chunk["input_ids"] for chunk in chunks]))  # [batch, seq + 1]
         batch, seq = tokens.shape[0], tokens.shape[1] - 1
         return {

@@ -2,7 +2,9 @@
 
 Every optimizer step consumes one global batch of micro_batch_size x grad_acc_steps x dp_size
 chunks. The DistributedSampler deals each rank its own share of one shuffled order, so the union
-of the ranks' micro-batches is the same global batch whatever the layout.
+of the ranks' micro-batches is the same global batch in every layout until the first epoch ends. An
+epoch drops the last N mod (micro_batch_size x dp_size) of the N chunks: from then on two layouts see
+the same batches only where that remainder is the same.
 """
 import hashlib
 import os
@@ -115,7 +117,10 @@ class MicroBatchDataLoader(DataLoader):
                                  desc="Tokenizing and chunking")
         return chunks.with_format("numpy")
 
-    def collate_batch(self, chunks):
+    # Static: each DataLoader worker process receives collate_fn pickled, and a bound method would take the
+    # whole loader along, with the previous epoch's iterator, which cannot be pickled (spawned workers).
+    @staticmethod
+    def collate_batch(chunks):
         tokens = torch.from_numpy(np.stack([chunk["input_ids"] for chunk in chunks]))  # [batch, seq + 1]
         batch, seq = tokens.shape[0], tokens.shape[1] - 1
         return {

@@ -16,15 +16,19 @@ front and its mirror from the back. With cp_size 2:
 
 Ring attention (one autograd.Function). Forward: cp_size steps; at step s rank r holds the keys and
 values of cp rank (r - s) mod cp_size. It posts the exchange of that block to the next rank before it
-computes with it, so communication overlaps compute. Each block's partial attention comes with its
-log-sum-exp (lse) of the scores, which merges it exactly into the running result (online softmax):
+computes with it, so communication overlaps compute. Each block pair is one call of PyTorch's fused
+attention kernel (flash attention on a CPU, flash or memory-efficient on CUDA), which also returns the
+log-sum-exp (lse) of each query's scores; the lse merges the block exactly into the running result
+(online softmax), kept in fp32:
 
     lse = log(exp(lse_a) + exp(lse_b)),   out = out_a * exp(lse_a - lse) + out_b * exp(lse_b - lse)
 
 Under the zigzag split each block pair needs all of one side, the causal diagonal, or nothing (see
-block_plan). Backward goes round the ring again, recomputing each block's probabilities from the saved
-lse; the gradient of a key/value block travels with it and, after a full turn, arrives back at the rank
-that owns those keys.
+block_plan). Backward goes round the ring again and calls the kernel's backward per block pair with the
+final merged out and lse, so that it recomputes each block's probabilities against the whole row's
+normaliser; the gradient of a key/value block travels with it and, after a full turn, arrives back at
+the rank that owns those keys. reference_block_forward / reference_block_backward spell the kernels out
+in fp32, for reading and for the tests.
 
 VERBOSE=1 prints every ring exchange and which part of each block pair was computed.
 """
@@ -33,6 +37,7 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import process_group_manager as pgm
 
@@ -81,21 +86,21 @@ def block_plan(cp_rank, kv_rank, local_len):
     return slice(half, local_len), slice(0, local_len), False
 
 
-def describe(query_rows, key_cols, causal, local_len):
+def describe(query_slice, key_slice, causal, local_len):
     def part(s):
         return "all" if (s.start, s.stop) == (0, local_len) else ("front half" if s.start == 0 else "back half")
-    return f"queries [{part(query_rows)}] x keys [{part(key_cols)}] {'causal diagonal' if causal else 'full'}" + (
-        "" if key_cols.stop == local_len else ", keys [back half] skipped") + (
-        "" if query_rows.start == 0 else ", queries [front half] skipped")
+    return f"queries [{part(query_slice)}] x keys [{part(key_slice)}] {'causal diagonal' if causal else 'full'}" + (
+        "" if key_slice.stop == local_len else ", keys [back half] skipped") + (
+        "" if query_slice.start == 0 else ", queries [front half] skipped")
 
 
 class RingExchange:
     """One hop around the cp ring: send `tensor` to the next cp rank and receive the previous rank's tensor
-    of the same shape. Posting returns at once; wait() returns the received tensor. Key/value blocks and
-    their gradients can be in flight at the same time between the same two ranks: distinct tags keep
-    them apart."""
+    of the same shape. Posting returns at once; wait() returns the received tensor.
 
-    TAGS = {"kv": 1, "dkv": 2}
+    Key/value blocks and their gradients can be in flight at the same time between the same two ranks.
+    No tag keeps them apart (NCCL ignores tags): messages between two ranks are matched in the order they
+    were posted, and every rank posts its exchanges in the same order (kv, then dkv, step after step)."""
 
     def __init__(self, tensor, what):
         grid = pgm.process_group_manager
@@ -103,8 +108,8 @@ class RingExchange:
             f"recv <- rank {grid.cp_recv_rank}")
         self.received = torch.empty_like(tensor)
         self.requests = dist.batch_isend_irecv([
-            dist.P2POp(dist.isend, tensor.contiguous(), grid.cp_send_rank, group=grid.cp_group, tag=self.TAGS[what]),
-            dist.P2POp(dist.irecv, self.received, grid.cp_recv_rank, group=grid.cp_group, tag=self.TAGS[what])])
+            dist.P2POp(dist.isend, tensor.contiguous(), grid.cp_send_rank, group=grid.cp_group),
+            dist.P2POp(dist.irecv, self.received, grid.cp_recv_rank, group=grid.cp_group)])
 
     def wait(self):
         for request in self.requests:
@@ -112,38 +117,107 @@ class RingExchange:
         return self.received
 
 
-def block_scores(q, k, causal, scale):
+# The fused kernels: q, k, v, out, grad_out [batch, heads, seq, head_dim]; lse [batch, heads, q_len], fp32,
+# natural log. Their backward recomputes the probabilities as exp(scores - lse) and takes
+# delta = rowsum(grad_out * out) from `out`: given the final merged lse and output, a block's backward
+# yields that block's share of the true gradients (the ring-flash-attention trick).
+
+def use_cuda_flash(q):
+    """The CUDA flash kernel takes fp16/bf16 and head_dim a multiple of 8 up to 256; otherwise the
+    memory-efficient kernel, which takes fp32 too."""
+    return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
+
+
+def expand_kv_heads(kv_block, heads):
+    """[batch, kv_heads, seq, head_dim] -> [batch, heads, seq, head_dim]: query head h uses kv head
+    h // group (grouped-query attention); the kernels want one key/value head per query head."""
+    return kv_block.repeat_interleave(heads // kv_block.shape[1], dim=1)
+
+
+def sum_over_groups(grad, kv_heads):
+    """[batch, heads, seq, head_dim] -> [batch, kv_heads, seq, head_dim]: a kv head's gradient is the sum
+    over the query heads of its group."""
+    batch, heads, seq, head_dim = grad.shape
+    return grad.view(batch, kv_heads, heads // kv_heads, seq, head_dim).sum(dim=2)
+
+
+def attention_block_forward(q, k, v, causal):
+    """Fused attention of queries q over one key/value block (k, v: [batch, kv_heads, k_len, head_dim]):
+    out [batch, heads, q_len, head_dim] in q's dtype, and the lse of each query's scores."""
+    k, v = expand_kv_heads(k, q.shape[1]), expand_kv_heads(v, q.shape[1])
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=causal)
+    if use_cuda_flash(q):
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, is_causal=causal)[:2]
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, attn_bias=None, compute_log_sumexp=True,
+                                                                      is_causal=causal)[:2]
+    return out, lse[..., :q.shape[2]]  # the kernel pads lse to a multiple of 32 queries
+
+
+def attention_block_backward(grad_out, q, k, v, out, lse, causal):
+    """Gradients of q, k, v of one block pair (k, v with kv_heads heads), given this block's queries'
+    final merged out (in q's dtype) and lse."""
+    kv_heads = k.shape[1]
+    k, v = expand_kv_heads(k, q.shape[1]), expand_kv_heads(v, q.shape[1])
+    lse = lse.contiguous()
+    if q.device.type == "cpu":
+        grad_q, grad_k, grad_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, q, k, v, out=out, logsumexp=lse, dropout_p=0.0, is_causal=causal)
+    elif use_cuda_flash(q):
+        no_rng = torch.empty((), dtype=torch.long)  # dropout is off: no random state to replay
+        grad_q, grad_k, grad_v = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            grad_out, q, k, v, out=out, logsumexp=lse, cum_seq_q=None, cum_seq_k=None, max_q=q.shape[2],
+            max_k=k.shape[2], dropout_p=0.0, is_causal=causal, philox_seed=no_rng, philox_offset=no_rng)
+    else:
+        no_rng = torch.empty((), dtype=torch.long)
+        padded_lse = F.pad(lse, (0, -q.shape[2] % 32), value=float("inf"))  # the padding the kernel expects
+        grad_q, grad_k, grad_v, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            grad_out, q, k, v, attn_bias=None, out=out, logsumexp=padded_lse, philox_seed=no_rng,
+            philox_offset=no_rng, dropout_p=0.0, grad_input_mask=[True, True, True, False], is_causal=causal)
+    return grad_q, sum_over_groups(grad_k, kv_heads), sum_over_groups(grad_v, kv_heads)
+
+
+# The reference: the same two functions spelled out in fp32, readable, slow (every score is materialised).
+# tests/cp_attention_check.py holds the fused kernels to them.
+
+def group_queries(t, num_kv_heads):
+    """[batch, heads, seq, head_dim] -> [batch, kv_heads, group, seq, head_dim] in fp32: query head h uses kv
+    head h // group, so k and v broadcast over the group without being copied."""
+    batch, heads, seq, head_dim = t.shape
+    return t.reshape(batch, num_kv_heads, heads // num_kv_heads, seq, head_dim).float()
+
+
+def block_scores(q, k, causal):
     """Attention scores of one block pair in fp32: [batch, kv_heads, group, q_len, k_len]."""
-    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     if causal:  # the own block: key j is visible to query i when j <= i
         mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(mask, float("-inf"))
     return scores
 
 
-def block_forward(q, k, v, causal, scale):
-    """Attention of queries q over one key/value block, and the log-sum-exp of each query's scores."""
-    scores = block_scores(q, k, causal, scale)
+def reference_block_forward(q, k, v, causal):
+    """attention_block_forward in fp32 tensor expressions (out in fp32)."""
+    k32, v32 = k[:, :, None].float(), v[:, :, None].float()  # [batch, kv_heads, 1, k_len, head_dim]
+    scores = block_scores(group_queries(q, k.shape[1]), k32, causal)
     lse = torch.logsumexp(scores, dim=-1)  # [batch, kv_heads, group, q_len]
-    return torch.exp(scores - lse.unsqueeze(-1)) @ v, lse  # [batch, kv_heads, group, q_len, head_dim]
+    out = torch.exp(scores - lse.unsqueeze(-1)) @ v32  # [batch, kv_heads, group, q_len, head_dim]
+    return out.reshape(q.shape), lse.reshape(q.shape[:3])
 
 
-def block_backward(q, k, v, grad_out, lse, delta, causal, scale):
-    """Gradients of one block pair, given the final lse and delta = rowsum(grad_out * out) of each query.
-    The probabilities are recomputed rather than saved: that is what keeps the saved activations small."""
-    probs = torch.exp(block_scores(q, k, causal, scale) - lse.unsqueeze(-1))  # [batch, kv_heads, group, q_len, k_len]
-    grad_v = (probs.transpose(-1, -2) @ grad_out).sum(dim=2, keepdim=True)  # summed over the query heads of a group
-    grad_scores = probs * (grad_out @ v.transpose(-1, -2) - delta.unsqueeze(-1))  # softmax backward
-    grad_q = grad_scores @ k * scale
-    grad_k = (grad_scores.transpose(-1, -2) @ q).sum(dim=2, keepdim=True) * scale
-    return grad_q, grad_k, grad_v
-
-
-def group_queries(q, num_kv_heads):
-    """[batch, heads, seq, head_dim] -> [batch, kv_heads, group, seq, head_dim]: query head h uses kv head
-    h // group (grouped-query attention), so k and v broadcast over the group without being copied."""
-    batch, heads, seq, head_dim = q.shape
-    return q.reshape(batch, num_kv_heads, heads // num_kv_heads, seq, head_dim)
+def reference_block_backward(grad_out, q, k, v, out, lse, causal):
+    """attention_block_backward in fp32 tensor expressions (gradients in fp32)."""
+    kv_heads, scale = k.shape[1], 1.0 / math.sqrt(q.shape[-1])
+    q32, grad_out32, out32 = (group_queries(t, kv_heads) for t in (q, grad_out, out))
+    k32, v32 = k[:, :, None].float(), v[:, :, None].float()
+    lse = lse.reshape(*q32.shape[:4])  # [batch, kv_heads, group, q_len]
+    delta = (grad_out32 * out32).sum(dim=-1)  # [batch, kv_heads, group, q_len]
+    probs = torch.exp(block_scores(q32, k32, causal) - lse.unsqueeze(-1))  # [batch, kv_heads, group, q_len, k_len]
+    grad_v = (probs.transpose(-1, -2) @ grad_out32).sum(dim=2)  # summed over the query heads of a group
+    grad_scores = probs * (grad_out32 @ v32.transpose(-1, -2) - delta.unsqueeze(-1))  # softmax backward
+    grad_q = grad_scores @ k32 * scale
+    grad_k = (grad_scores.transpose(-1, -2) @ q32).sum(dim=2) * scale
+    return grad_q.reshape(q.shape), grad_k, grad_v
 
 
 class RingAttention(torch.autograd.Function):
@@ -154,59 +228,59 @@ class RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v):
         grid = pgm.process_group_manager
         cp_size, cp_rank, local_len = grid.cp_world_size, grid.cp_rank, q.shape[2]
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        q32 = group_queries(q, k.shape[1]).float()
         kv = torch.stack([k, v])  # [2, batch, kv_heads, seq / cp, head_dim]: one message per hop
 
-        out = lse = None
+        out = lse = None  # fp32, whatever the compute dtype: the merge adds many blocks' shares
         for step in range(cp_size):
             kv_rank = (cp_rank - step) % cp_size
             if step + 1 < cp_size:
                 exchange = RingExchange(kv, "kv")  # posted first: the next block travels while this one is computed
-            rows, cols, causal = block_plan(cp_rank, kv_rank, local_len)
-            log(f"forward step {step + 1}/{cp_size}, kv of cp rank {kv_rank}: {describe(rows, cols, causal, local_len)}")
-            k32, v32 = kv[0, :, :, None, cols].float(), kv[1, :, :, None, cols].float()  # [batch, kv_heads, 1, k_len, head_dim]
-            block_out, block_lse = block_forward(q32[..., rows, :], k32, v32, causal, scale)
+            query_slice, key_slice, causal = block_plan(cp_rank, kv_rank, local_len)
+            log(f"forward step {step + 1}/{cp_size}, kv of cp rank {kv_rank}: "
+                f"{describe(query_slice, key_slice, causal, local_len)}")
+            block_out, block_lse = attention_block_forward(q[:, :, query_slice], kv[0, :, :, key_slice],
+                                                           kv[1, :, :, key_slice], causal=causal)
+            block_out = block_out.float()  # [batch, heads, q_len, head_dim]
             if out is None:  # step 0, the own block, covers every query
                 out, lse = block_out, block_lse
             else:  # merge by log-sum-exp: both parts end up weighted by exp(their lse - the merged lse)
-                merged_lse = torch.logaddexp(lse[..., rows], block_lse)
-                out[..., rows, :] = (out[..., rows, :] * torch.exp(lse[..., rows] - merged_lse).unsqueeze(-1)
-                                     + block_out * torch.exp(block_lse - merged_lse).unsqueeze(-1))
-                lse[..., rows] = merged_lse
+                merged_lse = torch.logaddexp(lse[..., query_slice], block_lse)
+                out[..., query_slice, :] = (
+                    out[..., query_slice, :] * torch.exp(lse[..., query_slice] - merged_lse).unsqueeze(-1)
+                    + block_out * torch.exp(block_lse - merged_lse).unsqueeze(-1))
+                lse[..., query_slice] = merged_lse
             if step + 1 < cp_size:
                 kv = exchange.wait()
 
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out.reshape(q.shape).to(q.dtype, copy=True)  # [batch, heads, seq / cp, head_dim]
+        out = out.to(q.dtype)  # [batch, heads, seq / cp, head_dim]
+        ctx.save_for_backward(q, k, v, out, lse)  # the kernels' backward takes out in q's dtype
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
+        grad_out = grad_out.contiguous()  # the kernels read head_dim with stride 1; autograd may hand a broadcast
         grid = pgm.process_group_manager
         cp_size, cp_rank, local_len = grid.cp_world_size, grid.cp_rank, q.shape[2]
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        q32 = group_queries(q, k.shape[1]).float()
-        grad_out = group_queries(grad_out, k.shape[1]).float()
-        delta = (grad_out * out).sum(dim=-1)  # [batch, kv_heads, group, q_len]
-        grad_q = torch.zeros(q32.shape, dtype=torch.float32, device=q.device)
+        grad_q = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
 
         kv, grad_kv_exchange = torch.stack([k, v]), None
         for step in range(cp_size):
             kv_rank = (cp_rank - step) % cp_size
             if step + 1 < cp_size:
                 kv_exchange = RingExchange(kv, "kv")
-            rows, cols, causal = block_plan(cp_rank, kv_rank, local_len)
-            log(f"backward step {step + 1}/{cp_size}, kv of cp rank {kv_rank}: {describe(rows, cols, causal, local_len)}")
-            k32, v32 = kv[0, :, :, None, cols].float(), kv[1, :, :, None, cols].float()
-            block_grad_q, block_grad_k, block_grad_v = block_backward(q32[..., rows, :], k32, v32, grad_out[..., rows, :],
-                                                                      lse[..., rows], delta[..., rows], causal, scale)
-            grad_q[..., rows, :] += block_grad_q
+            query_slice, key_slice, causal = block_plan(cp_rank, kv_rank, local_len)
+            log(f"backward step {step + 1}/{cp_size}, kv of cp rank {kv_rank}: "
+                f"{describe(query_slice, key_slice, causal, local_len)}")
+            block_grad_q, block_grad_k, block_grad_v = attention_block_backward(
+                grad_out=grad_out[:, :, query_slice], q=q[:, :, query_slice], k=kv[0, :, :, key_slice],
+                v=kv[1, :, :, key_slice], out=out[:, :, query_slice], lse=lse[..., query_slice], causal=causal)
+            grad_q[:, :, query_slice] += block_grad_q
             # The gradient of kv_rank's keys and values: this rank's share, plus what the ranks that held
             # this block before it have accumulated (it arrives from the previous rank).
             grad_kv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
-            grad_kv[0, :, :, cols] = block_grad_k.squeeze(2)
-            grad_kv[1, :, :, cols] = block_grad_v.squeeze(2)
+            grad_kv[0, :, :, key_slice] = block_grad_k
+            grad_kv[1, :, :, key_slice] = block_grad_v
             if grad_kv_exchange is not None:
                 grad_kv += grad_kv_exchange.wait()
             # Hand it on with the block: the next rank holds these keys at the next step.
@@ -216,7 +290,7 @@ class RingAttention(torch.autograd.Function):
 
         # After a full turn the gradient of this rank's own keys and values has come back.
         grad_kv = grad_kv_exchange.wait()
-        return grad_q.reshape(q.shape).to(q.dtype), grad_kv[0].to(k.dtype), grad_kv[1].to(v.dtype)
+        return grad_q.to(q.dtype), grad_kv[0].to(k.dtype), grad_kv[1].to(v.dtype)
 
 
 def ring_attention(q, k, v):

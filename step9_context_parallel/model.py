@@ -136,6 +136,10 @@ class Llama(nn.Module):
     def forward(self, input_ids, position_ids=None):
         batch, seq = input_ids.shape
         if position_ids is None:
+            if any(layer.self_attn.context_parallel for layer in self.layers):
+                # 0..seq-1 would be wrong: this rank holds a zigzag share of every sequence, not its start
+                raise ValueError("position_ids are required under context parallelism: pass the true positions "
+                                 "of this rank's tokens (split_batch_for_context_parallel gives them)")
             position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
         x = self.embed_tokens(input_ids)  # [batch, seq, hidden]
         cos, sin = rotary_cos_sin(position_ids, self.head_dim, self.rope_theta, x.dtype)
