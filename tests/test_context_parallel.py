@@ -139,8 +139,11 @@ def test_fused_block_kernels_equal_the_reference_spelling(device, dtype, toleran
     diagonal block and a full block of half as many queries as keys, 40 queries (not a multiple of 32: the
     memory-efficient kernel's padded lse). The backward gets an lse above the block's own, as in a ring where
     other blocks share the row. Largest difference as a fraction of the largest |value|, measured on the
-    CPU: fp32 4.4e-7, bf16 5.8e-3; lse in absolute terms: fp32 4.8e-7, bf16 6.1e-5. (The CUDA cases run
-    only on a GPU and were not measured where this was written.)"""
+    CPU: fp32 4.4e-7, bf16 5.8e-3; lse in absolute terms: fp32 4.8e-7, bf16 6.1e-5. The CUDA cases run only on a
+    GPU: on an H200 (torch 2.11) every one passed the CPU's tolerances except fp32 with a full block (the
+    memory-efficient kernel), 1.06e-6 of the largest value, so fp32 on CUDA is held to 3e-6."""
+    if device == "cuda" and dtype == torch.float32:
+        tolerance = 3e-6
     cp = import_step("step9", "context_parallel")
     q_len, k_len = (40, 40) if causal else (40, 80)
     generator = torch.Generator().manual_seed(0)
