@@ -1,5 +1,5 @@
-"""Step 11, mixed precision with an fp32 master and ZeRO-1/2: every layout at every stage trains the single-process
-run (the parity contract), --zero_stage 0 at fp32 reproduces step 10 bit for bit, stage 1 equals stage 0 bit for
+"""Step 11, mixed precision with an fp32 master and ZeRO-1/2: dp 2, dp 4, dp 2 x tp 2, dp 2 x pp 2 (1F1B and AFAB)
+and dp 2 x cp 2 at zero stages 1 and 2 train the single-process run (the parity contract), --zero_stage 0 at fp32 reproduces step 10 bit for bit, stage 1 equals stage 0 bit for
 bit at dp 2 (fp32 and bf16), the parameters are bitwise identical on every rank of a dp x cp group after every
 step (tests/zero_check.py), ZeRO-2 frees its full gradient buffers, and the fp32 master keeps updates that
 bf16 weights would round away."""
@@ -17,6 +17,9 @@ from conftest import ROOT, assert_parity, import_step, max_abs_diff, run_env
 
 # The global batch of 4 sequences of the other parity tests (the step3 baseline run is shared with them).
 COMMON = ["--seq_len", 32, "--learning_rate", 1e-3, "--max_tokens", 20 * 4 * 32, "--bucket_size_mb", 1]
+# The runs that only need to equal another bit for bit (or stay near fp32) stop after 10 steps: a run that stops
+# earlier takes the same first steps.
+SHORT = ["--max_tokens", 10 * 4 * 32]
 DP2 = ["--micro_batch_size", 1, "--gradient_accumulation_steps", 2, "--dp_size", 2]
 BASELINE = ("step3", 1, "--seq_len", 32, "--learning_rate", 1e-3, "--gradient_accumulation_steps", 2,
             "--max_tokens", 20 * 4 * 32, "--micro_batch_size", 2)
@@ -28,7 +31,6 @@ LAYOUTS = {
     "dp2_pp2_1f1b_zero2": (4, *DP2, "--pp_size", 2, "--pp_engine", "1f1b", "--zero_stage", 2),
     "dp2_pp2_afab_zero1": (4, *DP2, "--pp_size", 2, "--pp_engine", "afab", "--zero_stage", 1),
     "dp2_cp2_zero2": (4, *DP2, "--cp_size", 2, "--zero_stage", 2),
-    "dp2_tp2_pp2_1f1b_zero1": (8, *DP2, "--tp_size", 2, "--pp_size", 2, "--pp_engine", "1f1b", "--zero_stage", 1),
 }
 BF16 = ["--dtype", "bfloat16"]
 
@@ -38,10 +40,10 @@ def runs(torchrun):
     """Every launch of this module, two at a time (each is mostly interpreter start-up)."""
     launches = {"baseline": BASELINE,
                 **{name: ("step11", nproc, *COMMON, *args) for name, (nproc, *args) in LAYOUTS.items()},
-                "step10_dp2": ("step10", 2, *COMMON, *DP2),
-                "dp2_zero0": ("step11", 2, *COMMON, *DP2, "--zero_stage", 0),
-                "bf16_dp2_zero0": ("step11", 2, *COMMON, *DP2, *BF16, "--zero_stage", 0),
-                "bf16_dp2_zero1": ("step11", 2, *COMMON, *DP2, *BF16, "--zero_stage", 1)}
+                "step10_dp2": ("step10", 2, *COMMON, *DP2, *SHORT),
+                "dp2_zero0": ("step11", 2, *COMMON, *DP2, *SHORT, "--zero_stage", 0),
+                "bf16_dp2_zero0": ("step11", 2, *COMMON, *DP2, *BF16, *SHORT, "--zero_stage", 0),
+                "bf16_dp2_zero1": ("step11", 2, *COMMON, *DP2, *BF16, *SHORT, "--zero_stage", 1)}
 
     def launch(item):
         name, (step, nproc, *args) = item
@@ -60,7 +62,7 @@ def test_zero_stage_0_in_fp32_reproduces_step_10_bit_for_bit(runs):
     step10, step11 = runs["step10_dp2"], runs["dp2_zero0"]
     assert step10.returncode == 0, step10
     assert step11.returncode == 0, step11
-    assert len(step11.losses) == 20 and step11.losses == step10.losses  # identical floats
+    assert len(step11.losses) == 10 and step11.losses == step10.losses  # identical floats
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -71,17 +73,18 @@ def test_zero_stage_1_equals_stage_0_bit_for_bit_at_dp_2(runs, dtype):
     stage0, stage1 = runs[f"{prefix}dp2_zero0"], runs[f"{prefix}dp2_zero1"]
     assert stage0.returncode == 0, stage0
     assert stage1.returncode == 0, stage1
-    assert len(stage1.losses) == 20 and stage1.losses == stage0.losses
+    assert len(stage0.losses) == 10 and stage1.losses[:10] == stage0.losses
 
 
 def test_bf16_training_with_an_fp32_master_stays_near_fp32(runs):
     """bf16 compute with the fp32 master learns what fp32 learns, to bf16 rounding of the forward and backward.
-    Measured on the CPU (20 steps, loss 8.36 -> 6.24): |dloss| at most 1.35e-3 against the fp32 run (step 10's
-    bf16, which updates bf16 weights directly, drifts 4.9e-3 from fp32 within 10 steps: tests/test_cost.py)."""
+    Measured on the CPU: |dloss| at most 8e-4 over 10 steps (loss 8.36 -> 6.77) and 1.35e-3 over 20 against the
+    fp32 run (step 10's bf16, which updates bf16 weights directly, drifts 4.9e-3 from fp32 within 10 steps:
+    tests/test_cost.py)."""
     bf16, fp32 = runs["bf16_dp2_zero1"], runs["dp2_zero1"]
-    assert len(bf16.losses) == 20 and all(math.isfinite(loss) for loss in bf16.losses)
-    assert bf16.losses[-1] < bf16.losses[0] - 1.5
-    assert max_abs_diff(bf16.losses, fp32.losses) <= 5e-3, (bf16.losses, fp32.losses)
+    assert len(bf16.losses) == 10 and all(math.isfinite(loss) for loss in bf16.losses)
+    assert bf16.losses[-1] < bf16.losses[0] - 1.0
+    assert max_abs_diff(bf16.losses, fp32.losses[:10]) <= 5e-3, (bf16.losses, fp32.losses)
 
 
 def test_the_log_names_the_zero_stage(runs):
