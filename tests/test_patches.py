@@ -46,3 +46,18 @@ def test_untracked_files_stay_out_of_the_patches(tmp_path):
     subprocess.run(["git", "add", str(artifact)], cwd=tmp_path, check=True)
     proc = subprocess.run(check, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "step3_dataloader/patch_step_3.diff" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_line_counts_count_a_removed_line_that_starts_with_two_dashes():
+    """A removed "--max_tokens ..." line shows as "---max_tokens ..." in the diff; it is a removal, not a file
+    header (patch 4 removes such a line: counted as 37 removals instead of 38 before)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from make_patches import line_counts
+    finally:
+        sys.path.pop(0)
+    patch = ("diff -ur a/x b/x\n--- a/x\n+++ b/x\n@@ -1,3 +1,3 @@\n context\n---max_tokens: a flag\n"
+             "+++tokens: text that starts with two pluses\n-plain removal\n")
+    assert line_counts(patch) == (1, 2)
+    step4 = (ROOT / "step4_tensor_parallel" / "patch_step_4.diff").read_text()
+    assert "\n---max_tokens" in step4 and line_counts(step4)[1] == 38

@@ -52,6 +52,23 @@ def make_patch(previous, current):
     return re.sub(r"^((?:---|\+\+\+) \S+)\t.*$", r"\1", result.stdout, flags=re.MULTILINE)
 
 
+def line_counts(patch):
+    """(added, removed) lines of a unified diff, counted inside its hunks: a removed line whose text starts with
+    "--" shows as "---..." and is not a file header there (counting every "-" line but "---" missed it)."""
+    added = removed = 0
+    in_hunk = False
+    for line in patch.splitlines():
+        if line.startswith("diff "):
+            in_hunk = False  # the next lines are the "---" / "+++" file headers
+        elif line.startswith("@@"):
+            in_hunk = True
+        elif in_hunk and line.startswith("+"):
+            added += 1
+        elif in_hunk and line.startswith("-"):
+            removed += 1
+    return added, removed
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only check that every patch is current")
@@ -67,9 +84,7 @@ def main():
                 stale.append(str(path.relative_to(ROOT)))
         else:
             path.write_text(patch)
-            lines = patch.splitlines()
-            added = sum(1 for line in lines if line.startswith("+") and not line.startswith("+++"))
-            removed = sum(1 for line in lines if line.startswith("-") and not line.startswith("---"))
+            added, removed = line_counts(patch)
             print(f"wrote {path.relative_to(ROOT)}: +{added} / −{removed} lines")
     if stale:
         print("stale patches (run python tools/make_patches.py): " + ", ".join(stale))
