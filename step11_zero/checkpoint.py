@@ -30,6 +30,7 @@ without saving any RNG state.
 import fcntl
 import json
 import os
+import re
 import shutil
 
 import torch
@@ -73,9 +74,19 @@ def checkpoint_files(checkpoint_dir, layout, pp_rank, tp_rank):
 
 
 def complete_checkpoints(save_dir):
-    """Finished checkpoint folders in save_dir, oldest first."""
-    names = sorted(n for n in os.listdir(save_dir) if n.startswith("step_")) if os.path.isdir(save_dir) else []
+    """Finished checkpoint folders in save_dir, oldest first: by step number, not by name (step_1000000 comes
+    after step_999999)."""
+    names = [n for n in os.listdir(save_dir) if re.fullmatch(r"step_\d+", n)] if os.path.isdir(save_dir) else []
+    names.sort(key=lambda name: int(name.removeprefix("step_")))
     return [os.path.join(save_dir, n) for n in names if os.path.exists(os.path.join(save_dir, n, COMPLETE))]
+
+
+def prune(save_dir, keep_last):
+    """Delete all but the newest keep_last complete checkpoints, each one's COMPLETE first: a prune cut short
+    leaves a folder that no longer claims to be complete, never a half-deleted one that does."""
+    for old in complete_checkpoints(save_dir)[:-keep_last]:
+        os.remove(os.path.join(old, COMPLETE))
+        shutil.rmtree(old)
 
 
 def read_metadata(checkpoint_dir):
@@ -219,8 +230,7 @@ def save_checkpoint(save_dir, step, tokens, model, optimizer, data_loader, run, 
         with open(marker + ".tmp", "w") as f:
             f.write(f"{step}\n")
         os.replace(marker + ".tmp", marker)
-        for old in complete_checkpoints(save_dir)[:-keep_last]:
-            shutil.rmtree(old)
+        prune(save_dir, keep_last)
     dist.barrier()  # no rank races ahead to a next save while rank 0 prunes
 
 

@@ -502,3 +502,32 @@ def test_export_of_a_zero_2_checkpoint_loads_in_transformers(zero_runs, tmp_path
     full, save_dir = zero_runs["dp2_zero2"]
     assert full.returncode == 0, full
     export_and_compare(halfway_copy(save_dir, tmp_path / "ckpt"), tmp_path / "hf")
+
+
+@pytest.mark.parametrize("step", ["step10", "step11"])
+def test_checkpoints_sort_by_step_number_and_a_cut_short_prune_leaves_none_claiming_to_be_complete(
+        step, tmp_path, monkeypatch):
+    """step_1000000 is newer than step_999999 (their names sort the other way). Pruning takes each old checkpoint's
+    COMPLETE away before its files: a prune interrupted inside rmtree leaves no checkpoint that claims to be whole."""
+    checkpoint = import_step(step, "checkpoint")
+    for number in (999_999, 1_000_000, 5, 1_000_001):
+        folder = tmp_path / f"step_{number:06d}"
+        folder.mkdir()
+        (folder / "pp00_tp00.safetensors").write_bytes(b"weights")
+        (folder / COMPLETE).write_text(f"{number}\n")
+    (tmp_path / "step_000007").mkdir()  # no COMPLETE: a save that was cut short
+    assert [os.path.basename(c) for c in checkpoint.complete_checkpoints(str(tmp_path))] == \
+        ["step_000005", "step_999999", "step_1000000", "step_1000001"]
+
+    def interrupted(path, *args, **kwargs):
+        raise KeyboardInterrupt(f"stopped while deleting {path}")
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.prune(str(tmp_path), keep_last=2)
+    assert not (tmp_path / "step_000005" / COMPLETE).exists()  # the one being deleted no longer claims anything
+    monkeypatch.undo()
+    checkpoint.prune(str(tmp_path), keep_last=2)
+    assert [os.path.basename(c) for c in checkpoint.complete_checkpoints(str(tmp_path))] == \
+        ["step_1000000", "step_1000001"]
+    assert not (tmp_path / "step_999999").exists() and (tmp_path / "step_000007").exists()
