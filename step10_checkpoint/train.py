@@ -55,9 +55,10 @@ def parse_args():
     parser.add_argument("--use_wandb", action="store_true")
     parser.add_argument("--metrics_file", type=output_file, default=None, help="JSON Lines file, one object per step")
     parser.add_argument("--save_dir", type=str, default=None, help="write checkpoints here")
-    parser.add_argument("--save_every", type=integer(0), default=0,
-                        help="checkpoint every N steps (0: only at the end)")
-    parser.add_argument("--keep_last", type=integer(1), default=2, help="complete checkpoints kept in --save_dir")
+    parser.add_argument("--save_every", type=integer(0), default=None,
+                        help="checkpoint every N steps (default 0: only at the end)")
+    parser.add_argument("--keep_last", type=integer(1), default=None,
+                        help="complete checkpoints kept in --save_dir (default 2)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in --save_dir, in this run's layout or another")
     parser.add_argument("--init_from_hf", type=str, default=None,
@@ -105,8 +106,9 @@ def main():
     config = load_config(args)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     errors = validate_layout(world_size, args.tp_size, args.cp_size, args.pp_size, args.dp_size, config, args.seq_len)
-    if args.resume and not args.save_dir:
-        errors.append("--resume needs --save_dir")
+    if not args.save_dir:  # without it these would be ignored: a run meant to be checkpointed would not be
+        errors += [f"{flag} needs --save_dir" for flag in ("--resume", "--save_every", "--keep_last")
+                   if getattr(args, flag[2:]) not in (None, False)]
     if errors:
         fail("; ".join(errors))
     ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))  # torchrun's --nproc_per_node
@@ -203,7 +205,7 @@ def main():
         done = trained_tokens >= args.max_tokens
         if args.save_dir and (done or (args.save_every and step % args.save_every == 0)):
             save_checkpoint(save_dir=args.save_dir, step=step, tokens=trained_tokens, model=model, optimizer=optimizer,
-                            data_loader=data_loader, run=run, keep_last=args.keep_last)
+                            data_loader=data_loader, run=run, keep_last=args.keep_last or 2)
 
     if logger:
         logger.close()

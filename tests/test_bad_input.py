@@ -60,6 +60,8 @@ PLAIN_CASES = {
                                 ["{model}/no_tokenizer", "has no tokenizer", "tokenizer.json"]),
     "omp_num_threads_abc": ("step10", ["--omp_num_threads", "abc"], ["argument --omp_num_threads", "'abc'"]),
     "not_llama": ("step10", ["--model_name", "{model}/gpt2"], ["{model}/gpt2", "'gpt2' model", "Llama"]),
+    "save_every_without_save_dir": ("step10", ["--save_every", 5], ["--save_every needs --save_dir"]),
+    "keep_last_without_save_dir": ("step11", ["--keep_last", 3], ["--keep_last needs --save_dir"]),
 }
 
 

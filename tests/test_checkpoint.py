@@ -531,3 +531,4 @@ def test_checkpoints_sort_by_step_number_and_a_cut_short_prune_leaves_none_claim
     assert [os.path.basename(c) for c in checkpoint.complete_checkpoints(str(tmp_path))] == \
         ["step_1000000", "step_1000001"]
     assert not (tmp_path / "step_999999").exists() and (tmp_path / "step_000007").exists()
+
