@@ -262,10 +262,10 @@ def process_tree(pid):
     return tree
 
 
-def kill(pids):
+def kill(pids, how=signal.SIGKILL):
     for member in pids:
         try:
-            os.kill(member, signal.SIGKILL)
+            os.kill(member, how)
         except ProcessLookupError:
             pass
 
@@ -300,8 +300,14 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
             if COMPLETE in files:  # one checkpoint is complete; the worker is running
                 tree = tree or process_tree(proc.pid)  # looked up once, so that the kill is immediate
                 if any(name.endswith(".safetensors.tmp") for name in files):  # the next one is half-written
-                    kill(tree)
-                    killed_during_save = True
+                    # Freeze the run, then look again: on a busy machine the save can finish (and write COMPLETE)
+                    # between the look and the kill. Frozen, what is on disk is what the kill leaves.
+                    kill(tree, signal.SIGSTOP)
+                    if any(name.endswith(".safetensors.tmp") for name in checkpoint_files(save_dir)):
+                        kill(tree)
+                        killed_during_save = True
+                    else:
+                        kill(tree, signal.SIGCONT)  # the save ended meanwhile: catch the next one
             time.sleep(0.002)
     finally:
         kill(process_tree(proc.pid))
