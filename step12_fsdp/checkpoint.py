@@ -1,0 +1,339 @@
+"""Checkpoints of a run split over the 4D grid and sharded by ZeRO (stages 1 to 3): save, resume in the same or another layout
+and zero stage, start from Hugging Face Llama weights.
+
+On disk:
+
+    save_dir/.lock                                        held by the run writing here (its pid inside)
+    save_dir/step_000020/pp00_tp01_shard01.safetensors    stage 0, tensor shard 1, ZeRO shard 1: the fp32
+                                                          master and AdamW state of the ranges that rank owns
+    save_dir/step_000020/...                              one file per (stage, tensor shard, ZeRO shard)
+    save_dir/step_000020/COMPLETE                         written once every file is in place
+
+Every tensor is saved under its name in the full model (`model.layers.5.mlp.up_proj.weight`, the global
+layer index whatever the stage) with its AdamW state beside it (`exp_avg.`, `exp_avg_sq.`, `step.` instead
+of `model.`); `model.` holds the fp32 master, so a bf16 run resumes exactly. Under ZeRO-1/2/3 each rank of a
+dp x cp group writes only the ranges of the flattened tensors it owns (no gather to one rank, nothing
+written twice), as 1-D pieces; the metadata names each piece's range and its tensor's shape. At stage 0 the
+dp rank 0, cp rank 0 copy writes whole tensors into shard 00, and each file's metadata says which dimension
+tensor parallelism split each tensor along. Loading is the same in every layout: put the pieces of each
+tensor shard back in order, assemble the full tensor from its tensor shards, then keep this rank's slice.
+So a checkpoint resumes in another layout and another zero stage (resharding), tools/export_hf.py turns it
+into a Hugging Face model with the same assembly, and step 10's checkpoints (one `pp00_tp01.safetensors`
+per tensor shard, whole tensors) are read the same way. The data position is saved as sequences consumed
+in the epoch, which means the same thing whatever the split of the global batch.
+
+A file is written under a temporary name and renamed, and a checkpoint counts only once COMPLETE exists,
+so a run killed mid-save leaves the previous one usable. Nothing after initialisation draws random
+numbers (no dropout; the data order depends on the seed and the epoch only), so a resume is exact
+without saving any RNG state.
+"""
+import fcntl
+import json
+import os
+import re
+import shutil
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import process_group_manager as pgm
+from pipeline_parallel import stage_layer_range
+from tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from utils import fail
+
+COMPLETE = "COMPLETE"
+LOCK = ".lock"
+ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "tie_word_embeddings")
+# A resume must match all of these: otherwise the weights or the data position would mean something else.
+SAME_RUN = ("seq_len", "global_batch_size", "dataset_name", "seed", *ARCHITECTURE)
+
+
+def run_settings(args, config):
+    """What identifies this run (SAME_RUN), the learning rate, and what an export needs (config, tokenizer)."""
+    def where(name):  # a local directory by its real path, however it was spelled
+        return os.path.realpath(name) if os.path.isdir(name) else name
+
+    return {"seq_len": args.seq_len, "seed": args.seed, "dataset_name": where(args.dataset_name),
+            "global_batch_size": args.micro_batch_size * args.gradient_accumulation_steps * args.dp_size,
+            **{name: getattr(config, name) for name in ARCHITECTURE},
+            "learning_rate": args.learning_rate, "model_name": where(args.model_name), "config": config.to_dict()}
+
+
+def checkpoint_file(checkpoint_dir, pp_rank, tp_rank, shard):
+    return os.path.join(checkpoint_dir, f"pp{pp_rank:02d}_tp{tp_rank:02d}_shard{shard:02d}.safetensors")
+
+
+def checkpoint_files(checkpoint_dir, layout, pp_rank, tp_rank):
+    """The files holding one tensor shard of one pipeline stage (step 10's layout has no "shards": one file)."""
+    if "shards" not in layout:
+        return [os.path.join(checkpoint_dir, f"pp{pp_rank:02d}_tp{tp_rank:02d}.safetensors")]
+    return [checkpoint_file(checkpoint_dir, pp_rank, tp_rank, shard) for shard in range(layout["shards"])]
+
+
+def complete_checkpoints(save_dir):
+    """Finished checkpoint folders in save_dir, oldest first: by step number, not by name (step_1000000 comes
+    after step_999999)."""
+    names = [n for n in os.listdir(save_dir) if re.fullmatch(r"step_\d+", n)] if os.path.isdir(save_dir) else []
+    names.sort(key=lambda name: int(name.removeprefix("step_")))
+    return [os.path.join(save_dir, n) for n in names if os.path.exists(os.path.join(save_dir, n, COMPLETE))]
+
+
+def prune(save_dir, keep_last):
+    """Delete all but the newest keep_last complete checkpoints, each one's COMPLETE first: a prune cut short
+    leaves a folder that no longer claims to be complete, never a half-deleted one that does."""
+    for old in complete_checkpoints(save_dir)[:-keep_last]:
+        os.remove(os.path.join(old, COMPLETE))
+        shutil.rmtree(old)
+
+
+def read_metadata(checkpoint_dir):
+    first = sorted(n for n in os.listdir(checkpoint_dir) if n.startswith("pp00_tp00") and n.endswith(".safetensors"))
+    with safe_open(os.path.join(checkpoint_dir, first[0] if first else "pp00_tp00_shard00.safetensors"),
+                   framework="pt") as f:
+        return json.loads(f.metadata()["json"])
+
+
+def damage(checkpoint_dir):
+    """Why the checkpoint cannot be read (None if every file of its layout is there and opens)."""
+    try:
+        layout = read_metadata(checkpoint_dir)["layout"]
+        for pp_rank in range(layout["pp_size"]):
+            for tp_rank in range(layout["tp_size"]):
+                for path in checkpoint_files(checkpoint_dir, layout, pp_rank, tp_rank):
+                    with safe_open(path, framework="pt"):
+                        pass  # opening checks the header and that the file is as long as it says
+    except Exception as error:  # a missing file, or safetensors' own error for a truncated or garbled one
+        return " ".join(str(error).split())
+    return None
+
+
+def check_save_dir(save_dir, resume, run):
+    """Refuse, before anything is written, a run that would lose or mix up another one. Every rank reads the
+    same files and reaches the same verdict. Returns the checkpoint to resume from (None for a fresh run)."""
+    used = sorted(set(os.listdir(save_dir)) - {LOCK}) if os.path.isdir(save_dir) else []
+    if not resume:
+        if used:
+            fail(f"--save_dir {save_dir} is not empty (it holds {', '.join(used[:3])}{', ...' if len(used) > 3 else ''}): "
+                 f"continue its run with --resume, or choose another --save_dir")
+        return None
+    checkpoints = complete_checkpoints(save_dir)
+    if not checkpoints:
+        fail(f"--resume: no complete checkpoint in --save_dir {save_dir}")
+    newest = checkpoints[-1]
+    problem = damage(newest)
+    if problem:
+        intact = [c for c in checkpoints[:-1] if damage(c) is None]
+        fail(f"--resume: the newest checkpoint {newest} is damaged ({problem}); " +
+             (f"the newest intact one is {intact[-1]}: move {newest} out of --save_dir to resume from it"
+              if intact else "no older checkpoint is intact"))
+    saved = read_metadata(newest)["run"]
+    differing = [f"{name} {saved[name]!r} vs {run[name]!r}" for name in SAME_RUN if saved[name] != run[name]]
+    if differing:
+        fail(f"--resume: {newest} is from another run; checkpoint vs this run: {'; '.join(differing)}. "
+             f"Resume with the checkpoint's settings, or start a fresh run in another --save_dir")
+    if saved["learning_rate"] != run["learning_rate"] and int(os.environ.get("RANK", "0")) == 0:
+        print(f"--learning_rate {run['learning_rate']} replaces the checkpoint's {saved['learning_rate']} "
+              f"from here on", flush=True)
+    return newest
+
+
+def lock_save_dir(save_dir):
+    """Hold an exclusive lock on save_dir for as long as the returned file stays open (the operating system
+    drops it when the process ends, even on SIGKILL), so a second run on the directory is refused instead of
+    overwriting this one. Creating the lock file also proves save_dir writable before training starts."""
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+        lock = open(os.path.join(save_dir, LOCK), "a+")
+    except OSError as error:
+        fail(f"cannot write to --save_dir {save_dir}: {error}")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        fail(f"--save_dir {save_dir} is in use by another run ({lock.read().strip() or 'pid unknown'}): "
+             f"wait for it to end, or choose another --save_dir")
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def global_name(local_name, first_layer):
+    """A rank's parameter name -> its name in the full model: without the data-parallel wrapper's `module.`,
+    with the global index of a stage's layer (`module.layers.1.mlp.up_proj.weight` on a stage whose
+    first layer is 2 -> `layers.3.mlp.up_proj.weight`)."""
+    name = local_name.removeprefix("module.")
+    if name.startswith("layers."):
+        _, index, rest = name.split(".", 2)
+        name = f"layers.{int(index) + first_layer}.{rest}"
+    return name
+
+
+def tp_split_dims(model):
+    """Local parameter name -> the dimension tensor_parallel.py split it along (unsplit ones are absent):
+    column-parallel layers and the embedding by rows (output features, vocabulary), row-parallel by columns."""
+    dims = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            dims[f"{prefix}.weight"] = dims[f"{prefix}.bias"] = 0
+        elif isinstance(module, RowParallelLinear):
+            dims[f"{prefix}.weight"] = 1  # its bias is added after the all-reduce: whole on every rank
+    return dims
+
+
+def save_checkpoint(save_dir, step, tokens, model, optimizer, data_loader, run, keep_last):
+    """Every rank that owns a piece of the optimizer writes its file (at stage 0 only the dp rank 0, cp rank 0
+    copy of every (stage, tensor shard)); global rank 0 then marks the checkpoint complete and prunes."""
+    grid = pgm.process_group_manager
+    checkpoint_dir = os.path.join(save_dir, f"step_{step:06d}")
+    if grid.global_rank == 0:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # left behind by a save killed before COMPLETE
+        os.makedirs(checkpoint_dir)
+    dist.barrier()  # the folder exists, and is empty
+
+    zero_stage = model.zero_stage
+    shards = grid.cp_dp_world_size if zero_stage > 0 else 1
+    shard = dist.get_rank(grid.cp_dp_group) if shards > 1 else 0
+    if shards > 1 or (grid.dp_rank == 0 and grid.cp_rank == 0):
+        first_layer = stage_layer_range(run["num_hidden_layers"], grid.pp_world_size, grid.pp_rank)[0]
+        split_dims = tp_split_dims(model)
+        local_names = {param: local_name for local_name, param in model.named_parameters()}
+        tensors, tp_split, ranges = {}, {}, {}
+        for bucket in model.buckets:
+            state = optimizer.optimizer.state[bucket.master]
+            for param, start, end, piece in owned_pieces(bucket):
+                local_name = local_names[param]
+                name = global_name(local_name, first_layer)
+                # [end - start]: a range of the flattened tensor (this rank's tensor shard of it)
+                tensors.update({f"model.{name}": bucket.master[piece], f"exp_avg.{name}": state["exp_avg"][piece],
+                                f"exp_avg_sq.{name}": state["exp_avg_sq"][piece], f"step.{name}": state["step"]})
+                ranges[name] = [start, end, list(param.shape)]
+                if local_name in split_dims:  # the AdamW moments are split as their parameter; step is a scalar
+                    for kind in ("model", "exp_avg", "exp_avg_sq"):
+                        tp_split[f"{kind}.{name}"] = split_dims[local_name]
+        metadata = {"step": step, "tokens": tokens, "run": run, "data": data_loader.state_dict(), "tp_split": tp_split,
+                    "ranges": ranges, "zero_stage": zero_stage,
+                    "layout": {"tp_size": grid.tp_world_size, "cp_size": grid.cp_world_size,
+                               "pp_size": grid.pp_world_size, "dp_size": grid.dp_world_size, "shards": shards}}
+        path = checkpoint_file(checkpoint_dir, grid.pp_rank, grid.tp_rank, shard)
+        # copies: safetensors refuses tensors that share memory (pieces of one flat buffer, the one step counter)
+        save_file({key: t.detach().to("cpu", copy=True) for key, t in tensors.items()}, path + ".tmp",
+                  metadata={"json": json.dumps(metadata)})
+        os.replace(path + ".tmp", path)  # atomic: a reader sees no file or the whole file
+
+    dist.barrier()  # every file is in place
+    if grid.global_rank == 0:
+        marker = os.path.join(checkpoint_dir, COMPLETE)
+        with open(marker + ".tmp", "w") as f:
+            f.write(f"{step}\n")
+        os.replace(marker + ".tmp", marker)
+        prune(save_dir, keep_last)
+    dist.barrier()  # no rank races ahead to a next save while rank 0 prunes
+
+
+def owned_pieces(bucket):
+    """(param, start, end, piece) for every parameter of the bucket that overlaps the piece this rank owns:
+    [start, end) is the overlap as a range of the flattened parameter, piece the same elements as a slice of
+    the owned piece (of the master, or of an AdamW moment)."""
+    for param, offset in zip(bucket.params, bucket.offsets):
+        start, end = max(offset, bucket.owned.start), min(offset + param.numel(), bucket.owned.stop)
+        if start < end:
+            yield param, start - offset, end - offset, slice(start - bucket.owned.start, end - bucket.owned.start)
+
+
+def read_full_tensors(checkpoint_dir, wanted):
+    """{key: full tensor} for the keys of the checkpoint that wanted(key) selects. Each tensor shard is first put
+    back together from its ZeRO pieces (ranges of the flattened tensor, in order), then the tensor shards are
+    concatenated in tp rank order along the dimension they were split."""
+    layout = read_metadata(checkpoint_dir)["layout"]
+    pieces, tp_split = {}, {}
+    for pp_rank in range(layout["pp_size"]):
+        for tp_rank in range(layout["tp_size"]):
+            ranges = {}  # key -> [(start, 1-D piece)], and the shape of this tensor shard
+            shapes = {}
+            for path in checkpoint_files(checkpoint_dir, layout, pp_rank, tp_rank):
+                with safe_open(path, framework="pt") as f:
+                    metadata = json.loads(f.metadata()["json"])
+                    tp_split.update(metadata["tp_split"])
+                    for key in filter(wanted, f.keys()):
+                        tensor = f.get_tensor(key)
+                        start, _, shape = metadata.get("ranges", {}).get(key.split(".", 1)[1], (0, None, None))
+                        if key.startswith("step.") or shape is None:  # a scalar, or a whole tensor (step 10)
+                            ranges[key] = [(0, tensor)]
+                            continue
+                        ranges.setdefault(key, []).append((start, tensor))
+                        shapes[key] = shape
+            for key, parts in ranges.items():
+                parts.sort(key=lambda part: part[0])
+                tensor = parts[0][1] if key not in shapes else torch.cat([t for _, t in parts]).view(shapes[key])
+                pieces.setdefault(key, []).append(tensor)
+    full = {}
+    for key, tensors in pieces.items():
+        dim = tp_split.get(key)
+        full[key] = tensors[0] if dim is None else torch.cat(tensors, dim=dim)  # unsplit: every shard has a copy
+    return full
+
+
+def load_checkpoint(checkpoint_dir, model, optimizer, data_loader):
+    """Give this rank its part of a checkpoint saved in any layout and zero stage: its tensor shard of every
+    weight (the fp32 master cast to the compute dtype), and the owned pieces of the fp32 master and of the
+    AdamW state; and the data position. Returns (step, tokens)."""
+    grid = pgm.process_group_manager
+    metadata = read_metadata(checkpoint_dir)
+    first_layer = stage_layer_range(metadata["run"]["num_hidden_layers"], grid.pp_world_size, grid.pp_rank)[0]
+    names = {local_name: global_name(local_name, first_layer) for local_name, _ in model.named_parameters()}
+    needed = set(names.values())
+    full = read_full_tensors(checkpoint_dir, lambda key: key.split(".", 1)[1] in needed)
+    split_dims = tp_split_dims(model)
+
+    def this_rank_slice(key, local_name):
+        # the same contiguous block that tensor_parallel.local_range keeps: [..., size, ...] -> [..., size / tp, ...]
+        tensor = full[key]
+        if local_name in split_dims:
+            tensor = tensor.chunk(grid.tp_world_size, dim=split_dims[local_name])[grid.tp_rank]
+        return tensor.contiguous()
+
+    local_names = {param: local_name for local_name, param in model.named_parameters()}
+    for bucket in model.buckets:
+        # Each bucket's flat fp32 master and moments, then the piece this rank owns.
+        flat = {kind: torch.zeros(bucket.padded_numel) for kind in ("model", "exp_avg", "exp_avg_sq")}
+        for param, offset in zip(bucket.params, bucket.offsets):
+            name = names[local_names[param]]
+            for kind in flat:
+                flat[kind][offset:offset + param.numel()] = this_rank_slice(f"{kind}.{name}", local_names[param]).view(-1)
+            step = full[f"step.{name}"]  # a float32 CPU scalar, as AdamW keeps it; the same for every tensor
+        with torch.no_grad():
+            if bucket.shards_params:  # ZeRO-3: the owned piece only; the next forward gathers the rest
+                bucket.param_shard.copy_(flat["model"][bucket.owned])
+            else:
+                bucket.param_buffer.copy_(flat["model"])  # every parameter, in the compute dtype
+            bucket.master.copy_(flat["model"][bucket.owned])
+        optimizer.optimizer.state[bucket.master] = {"step": step.clone(),
+                                                    "exp_avg": flat["exp_avg"][bucket.owned].to(bucket.master),
+                                                    "exp_avg_sq": flat["exp_avg_sq"][bucket.owned].to(bucket.master)}
+    data_loader.load_state_dict(metadata["data"])
+    return metadata["step"], metadata["tokens"]
+
+
+def load_hf_weights(model, directory):
+    """Load a Hugging Face Llama checkpoint (model.safetensors, or shards listed in
+    model.safetensors.index.json) into the full model, before it is sharded for the layout."""
+    single = os.path.join(directory, "model.safetensors")
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shard_names = sorted(set(json.load(f)["weight_map"].values()))
+        state = {}
+        for name in shard_names:
+            state.update(load_file(os.path.join(directory, name)))
+    elif os.path.exists(single):
+        state = load_file(single)
+    else:
+        fail(f"--init_from_hf: no model.safetensors or model.safetensors.index.json in {directory!r}")
+    try:
+        model.load_hf_state_dict(state)
+    except (RuntimeError, KeyError) as error:
+        fail(f"--init_from_hf: the weights in {directory!r} do not fit the model config: {' '.join(str(error).split())}")

@@ -1,0 +1,221 @@
+"""Step 12: ZeRO-3, fully sharded data parallelism: the parameters sharded over the dp x cp ranks too, each unit
+(the embedding, a decoder layer, the norm with the LM head) gathered only while it computes.
+
+    torchrun --nproc_per_node 2 step12_fsdp/train.py --dp_size 2 --micro_batch_size 2 --zero_stage 3
+    torchrun --nproc_per_node 4 step12_fsdp/train.py --dp_size 2 --tp_size 2 --micro_batch_size 2 --zero_stage 3
+"""
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import process_group_manager as pgm
+from checkpoint import (check_save_dir, load_checkpoint, load_hf_weights, lock_save_dir, run_settings,
+                        save_checkpoint)
+from context_parallel import apply_context_parallel
+from dataloader import DEFAULT_DATASET, MicroBatchDataLoader
+from model import Llama
+from pipeline_parallel import PipelineParallel, train_step_pipeline_1f1b, train_step_pipeline_afab
+from process_group_manager import node_warning, setup_process_group_manager, validate_layout
+from tensor_parallel import apply_tensor_parallel
+from utils import (ArgumentParser, DEFAULT_MODEL, MetricsLogger, average_loss_across_dp_cp_ranks, check_loss,
+                   check_same_settings, close_distributed, fail, flops_per_token, init_distributed, integer,
+                   load_config, output_file, peak_flops_per_device, peak_memory_gb, peer_failures_end_the_run,
+                   positive_float, resolve_device, resolve_dtype, set_all_seed, to_readable_format, warn)
+from zero import ZERO_STAGES, ZeroAdamW, ZeroDataParallel
+
+
+def parse_args():
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--omp_num_threads", type=integer(1), default=1)
+    parser.add_argument("--tokenizers_parallelism", type=str, default="false")
+    parser.add_argument("--model_name", type=str, default=DEFAULT_MODEL)
+    parser.add_argument("--num_hidden_layers", type=integer(1), default=None, help="default: the model config's")
+    parser.add_argument("--num_attention_heads", type=integer(1), default=None, help="default: the model config's")
+    parser.add_argument("--num_key_value_heads", type=integer(1), default=None, help="default: the model config's")
+    parser.add_argument("--dataset_name", type=str, default=DEFAULT_DATASET)
+    parser.add_argument("--num_workers", type=integer(0), default=0, help="DataLoader worker processes")
+    parser.add_argument("--num_proc", type=integer(1), default=1, help="processes for tokenizing the dataset")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--learning_rate", type=positive_float, default=1e-3)
+    parser.add_argument("--seq_len", type=integer(1), default=128)
+    parser.add_argument("--micro_batch_size", type=integer(1), default=4)
+    parser.add_argument("--gradient_accumulation_steps", type=integer(1), default=2)
+    parser.add_argument("--max_tokens", type=integer(1), default=102400, help="train until this many tokens were seen")
+    parser.add_argument("--tp_size", type=integer(1), default=1)
+    parser.add_argument("--dp_size", type=integer(1), default=1)
+    parser.add_argument("--pp_size", type=integer(1), default=1)
+    parser.add_argument("--cp_size", type=integer(1), default=1,
+                        help="context parallel: ranks that split every sequence")
+    parser.add_argument("--pp_engine", choices=["afab", "1f1b"], default="afab")
+    parser.add_argument("--bucket_size_mb", type=positive_float, default=25, help="data-parallel gradient bucket size")
+    parser.add_argument("--zero_stage", type=int, choices=ZERO_STAGES, default=0,
+                        help="shard over the dp x cp ranks: 1 the fp32 master and AdamW moments, 2 the gradients too, "
+                        "3 the parameters too (gathered one unit at a time; --bucket_size_mb is then unused)")
+    parser.add_argument("--run_name", type=str, default="default_run")
+    parser.add_argument("--use_wandb", action="store_true")
+    parser.add_argument("--metrics_file", type=output_file, default=None, help="JSON Lines file, one object per step")
+    parser.add_argument("--save_dir", type=str, default=None, help="write checkpoints here")
+    parser.add_argument("--save_every", type=integer(0), default=None,
+                        help="checkpoint every N steps (default 0: only at the end)")
+    parser.add_argument("--keep_last", type=integer(1), default=None,
+                        help="complete checkpoints kept in --save_dir (default 2)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint in --save_dir, in this run's layout or another")
+    parser.add_argument("--init_from_hf", type=str, default=None,
+                        help="Hugging Face Llama directory (model.safetensors or an index) to start from")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    parser.add_argument("--timeout_s", type=positive_float, default=600,
+                        help="seconds a collective waits for a stalled peer before the run stops")
+    parser.add_argument("--peak_tflops", type=positive_float, default=None, help="one device's peak, for MFU "
+                        "(default: a known GPU's datasheet figure, or a short matmul measurement on a CPU)")
+    return parser.parse_args()
+
+
+def train_step(model, data_loader, device):
+    """One optimizer step's forward and backward passes: grad_acc_steps micro-batches whose
+    gradients add up to the gradient of the mean loss over the whole batch."""
+    acc_loss = 0.0
+    for i in range(data_loader.grad_acc_steps):
+        # Data/context parallel: the micro-batches before the last only accumulate; the last one's backward
+        # all-reduces the accumulated gradients.
+        if pgm.process_group_manager.cp_dp_world_size > 1:
+            model.require_backward_grad_sync = i == data_loader.grad_acc_steps - 1
+        batch = next(data_loader)
+        input_ids = batch["input_ids"].to(device)  # [batch, seq / cp]: this cp rank's tokens
+        target_ids = batch["target_ids"].to(device)  # [batch, seq / cp]
+        position_ids = batch["position_ids"].to(device)  # their positions in the whole sequence
+        logits = model(input_ids=input_ids, position_ids=position_ids)  # [batch, seq / cp, vocab]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target_ids.reshape(-1))
+        # Scale so the accumulated gradient is that of the mean over all micro-batches.
+        loss = loss / data_loader.grad_acc_steps
+        loss.backward()
+        acc_loss += loss.item()
+    return acc_loss
+
+
+def main():
+    args = parse_args()
+    os.environ["OMP_NUM_THREADS"] = str(args.omp_num_threads)
+    os.environ["TOKENIZERS_PARALLELISM"] = args.tokenizers_parallelism
+    torch.set_num_threads(args.omp_num_threads)
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(args.device, local_rank)
+    dtype = resolve_dtype(args.dtype, device)
+    config = load_config(args)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    errors = validate_layout(world_size, args.tp_size, args.cp_size, args.pp_size, args.dp_size, config, args.seq_len)
+    if not args.save_dir:  # without it these would be ignored: a run meant to be checkpointed would not be
+        errors += [f"{flag} needs --save_dir" for flag in ("--resume", "--save_every", "--keep_last")
+                   if getattr(args, flag[2:]) not in (None, False)]
+    if errors:
+        fail("; ".join(errors))
+    ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))  # torchrun's --nproc_per_node
+    warning = node_warning(args.tp_size, args.cp_size, ranks_per_node)
+    if warning:
+        warn(warning)
+    run = run_settings(args, config)
+    resume_from = check_save_dir(args.save_dir, args.resume, run) if args.save_dir else None
+    if args.save_dir and int(os.environ.get("RANK", "0")) == 0:
+        # Global rank 0 locks --save_dir for this run: the lock lasts as long as this open file, i.e. the process.
+        save_dir_lock = lock_save_dir(args.save_dir)
+
+    init_distributed(device, args.timeout_s)
+    check_same_settings(args, config)
+    setup_process_group_manager(args.tp_size, args.cp_size, args.pp_size, args.dp_size, timeout_s=args.timeout_s)
+    grid = pgm.process_group_manager
+    is_logging_rank = grid.tp_rank == 0 and grid.cp_rank == 0 and grid.dp_rank == 0 and grid.pp_is_last_stage
+
+    # Loading and tokenizing uses no collective: a missing or too small dataset stops every rank alike.
+    data_loader = MicroBatchDataLoader(micro_batch_size=args.micro_batch_size, seq_len=args.seq_len,
+                                       dataset_name=args.dataset_name, tokenizer_name=args.model_name,
+                                       grad_acc_steps=args.gradient_accumulation_steps, num_workers=args.num_workers,
+                                       num_proc=args.num_proc, seed=args.seed)
+
+    # Every rank builds the same full model from the same seed.
+    set_all_seed(args.seed)
+    model = Llama(config)
+    if args.init_from_hf:
+        load_hf_weights(model, args.init_from_hf)  # the full model, before it is sharded
+    if grid.tp_world_size > 1:
+        apply_tensor_parallel(model)  # keep this rank's shard of the full weights
+    if grid.cp_world_size > 1:
+        apply_context_parallel(model)  # attention over the whole sequence, from this rank's share of the tokens
+    model = model.to(device=device, dtype=dtype)
+    if grid.pp_world_size > 1:
+        model = PipelineParallel(model, config)  # keep only this stage's layers
+    # fp32 gradient buckets, averaged over the dp x cp ranks, whole (stage 0) or sharded (stages 1 to 3), and at
+    # stage 3 the parameters sharded too, each unit gathered only while it computes
+    model = ZeroDataParallel(model, zero_stage=args.zero_stage, bucket_size_mb=args.bucket_size_mb)
+    optimizer = ZeroAdamW(model, lr=args.learning_rate)  # AdamW on the fp32 master pieces this rank owns
+    num_params = sum(p.numel() for p in model.parameters())
+
+    logger = MetricsLogger(args.metrics_file, args.use_wandb, args.run_name, vars(args)) if is_logging_rank else None
+    if is_logging_rank:
+        print(f"model: {args.model_name} | {to_readable_format(num_params)} parameters | device {device} {dtype} "
+              f"| zero stage {args.zero_stage} | {len(data_loader.tokenized_dataset)} chunks of {args.seq_len + 1} "
+              f"tokens", flush=True)
+        # MFU counts the whole model's FLOPs whatever this rank holds, and each device's share of them.
+        model_flops_per_token = flops_per_token(config, args.seq_len)
+        peak_flops, peak_source = peak_flops_per_device(device, dtype, args.peak_tflops)
+        print(f"FLOPs per token: {to_readable_format(model_flops_per_token)} | peak per device: "
+              f"{peak_flops / 1e12:.3f} TFLOPs ({peak_source})", flush=True)
+
+    tokens_per_step = data_loader.global_batch_size * args.seq_len
+    # activations between stages: this cp rank's tokens only
+    tensor_shapes = (args.micro_batch_size, args.seq_len // args.cp_size, config.hidden_size)
+    step, trained_tokens = 0, 0
+    if resume_from:
+        step, trained_tokens = load_checkpoint(resume_from, model=model, optimizer=optimizer, data_loader=data_loader)
+        if is_logging_rank:
+            print(f"resumed from step {step} ({to_readable_format(trained_tokens)} tokens) in {args.save_dir}", flush=True)
+    while trained_tokens < args.max_tokens:
+        step_start = time.time()
+        model.zero_grad()  # the data-parallel wrapper's also empties its gradient buckets
+        if grid.pp_world_size > 1:
+            pipeline_step = train_step_pipeline_1f1b if args.pp_engine == "1f1b" else train_step_pipeline_afab
+            loss = pipeline_step(model, data_loader, tensor_shapes, device, dtype)
+        else:
+            loss = train_step(model, data_loader, device)
+        model.finish_gradient_synchronization()  # waits for the buckets' reductions
+        optimizer.step()  # then casts the master into the parameters and all-gathers them
+        loss = average_loss_across_dp_cp_ranks(loss, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        step_duration = time.time() - step_start
+        step += 1
+        trained_tokens += tokens_per_step
+        check_loss(loss, step)
+
+        if is_logging_rank:
+            tokens_per_second = tokens_per_step / step_duration
+            flops_per_device = tokens_per_second * model_flops_per_token / world_size  # achieved FLOPs/s
+            metrics = {"step": step, "loss": loss, "tokens": trained_tokens, "tokens_per_second": tokens_per_second,
+                       "tokens_per_second_per_device": tokens_per_second / world_size,
+                       "tflops_per_device": flops_per_device / 1e12, "mfu": flops_per_device / peak_flops,
+                       "memory_gb": peak_memory_gb(device)}
+            print(f"Step: {step:<4d} | Loss: {loss:.4f} | Global batch size: {to_readable_format(tokens_per_step)} "
+                  f"| Tokens/s: {to_readable_format(tokens_per_second)} "
+                  f"| Tokens/s/device: {to_readable_format(tokens_per_second / world_size)} "
+                  f"| TFLOPs/device: {flops_per_device / 1e12:.3f} | MFU: {metrics['mfu']:.1%} "
+                  f"| Tokens: {to_readable_format(trained_tokens)}/{to_readable_format(args.max_tokens)} "
+                  f"| Memory: {metrics['memory_gb']:.2f}GB", flush=True)
+            logger.log(metrics)
+
+        done = trained_tokens >= args.max_tokens
+        if args.save_dir and (done or (args.save_every and step % args.save_every == 0)):
+            save_checkpoint(save_dir=args.save_dir, step=step, tokens=trained_tokens, model=model, optimizer=optimizer,
+                            data_loader=data_loader, run=run, keep_last=args.keep_last or 2)
+
+    if logger:
+        logger.close()
+    close_distributed()
+
+
+if __name__ == "__main__":
+    with peer_failures_end_the_run():
+        main()

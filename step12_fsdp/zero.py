@@ -1,0 +1,319 @@
+"""Mixed precision with an fp32 master, and ZeRO-1/2/3: the optimizer state, the gradients and (stage 3) the
+parameters sharded over the ranks that hold the same weights (Rajbhandari et al. 2020, "ZeRO: Memory
+Optimizations Toward Training Trillion Parameter Models"; stage 3 is what PyTorch calls fully sharded data
+parallelism, FSDP).
+
+    model = ZeroDataParallel(model, zero_stage=2, bucket_size_mb=25)
+    optimizer = ZeroAdamW(model, lr=1e-3)
+    model.zero_grad()
+    for i in range(grad_acc_steps):
+        model.require_backward_grad_sync = i == grad_acc_steps - 1
+        loss = ...; loss.backward()
+    model.finish_gradient_synchronization()  # wait: every rank has the mean gradient of what it owns
+    optimizer.step()  # AdamW on the owned fp32 slices, cast into the parameters, all-gather the rest
+
+Mixed precision. The model computes in its own dtype (bf16 on a GPU). Gradients accumulate in fp32 buckets
+(step 6), and the optimizer updates an fp32 *master* copy of the weights with fp32 AdamW moments; after each
+step the master is cast back into the compute parameters. bf16 keeps 8 bits of mantissa: an update smaller
+than about 1/256 of a weight is rounded away when AdamW updates bf16 weights directly, but accumulates in the
+fp32 master. At fp32 the master *is* the parameter: no second copy.
+
+Buckets and shards. Parameters are grouped into buckets as in step 6, and each bucket's parameters become
+views into one flat buffer of the compute dtype (so an all-gather writes straight into them) beside one flat
+fp32 gradient buffer. Both are padded to a multiple of N = dp x cp ranks and cut into N contiguous pieces:
+rank i owns piece i of every bucket (Megatron's distributed optimizer cuts the same way).
+
+    bucket buffer   | rank 0's piece | rank 1's piece | ... | rank N-1's piece (+ padding) |
+    reduce-scatter  -> each rank receives the sum of its piece over the N ranks
+    AdamW           -> each rank updates the fp32 master and moments of its piece only
+    all-gather      -> every rank receives every piece of the updated (compute-dtype) parameters
+
+Bytes per parameter per rank (Psi parameters, bf16 compute, fp32 gradients):
+
+    stage 0   2 params + 4 gradients + 12 master and moments (4 + 4 + 4)   = 18 Psi
+    stage 1   the master and moments sharded                                = 6 Psi + 12 Psi / N
+    stage 2   the gradients too: a bucket's full fp32 buffer exists only     = 2 Psi + 16 Psi / N
+              while backward fills it and its reduce-scatter runs; then only the owned piece stays
+    stage 3   the parameters too: each rank keeps its piece of them          = 18 Psi / N
+              (+ the units gathered in flight, at most two)
+
+Communication. A ring all-reduce of B bytes is a reduce-scatter followed by an all-gather: each rank sends
+(N-1)/N x B in each half, 2 (N-1)/N x B in all. ZeRO-1 runs the two halves itself, the reduce-scatter on the
+fp32 gradients and the all-gather on the updated parameters, so it sends the same bytes as data parallelism
+(fewer in bf16: the all-gather carries 2-byte parameters, not 4-byte gradients), while each rank updates 1/N of
+the weights. ZeRO-2 reduce-scatters every micro-batch instead of accumulating locally first: under gradient
+accumulation with k micro-batches it sends k reduce-scatters per bucket per step instead of one.
+That is NCCL's arithmetic (ring collectives, (N-1)/N x B each). gloo, on the CPU, is not built for these two:
+measured with torch 2.13 on 2 ranks of a 2-core CPU, 32 MB of fp32: all-reduce 26 ms, reduce-scatter 65 ms,
+all-gather 87 ms. So on the CPU ZeRO saves memory and costs time; on GPUs the split is free.
+
+ZeRO-3 (fully sharded). The buckets are *units* instead of 25 MB groups: the embedding, each decoder layer,
+the final norm with the LM head. Between units a rank holds only its piece of each: param_shard (compute
+dtype), the fp32 master and moments, grad_shard. A unit's full parameters exist only around its compute:
+
+    forward    pre-hook: wait for the unit's all-gather (prefetched), start the next unit's    | full params
+               the unit's forward                                                           | of unit i
+               post-hook: free the full parameters (the storage, not the tensors: autograd     |
+               keeps them for backward), hook the output's gradient
+    backward   output gradient hook: gather again (prefetched), start the previous unit's     | full params
+               the unit's backward                                                          | of unit i
+               its last gradient: reduce-scatter the unit's gradients, free the parameters    |
+
+so at any moment the unit computing and the one being prefetched are whole: two units, never the model.
+The price is communication, on every micro-batch: two all-gathers of the parameters (forward, backward) and
+the reduce-scatter of the gradients. Per rank, in units of (N-1)/N x Psi bytes: 2 + 2 + 4 = 8 in bf16
+(12 in fp32) per micro-batch, against 8 per optimizer step for data parallelism's all-reduce of the fp32
+gradients. With one micro-batch per step that is the same bytes in bf16; with k micro-batches, k times.
+"""
+import functools
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import process_group_manager as pgm
+from data_parallel import DataParallelBucket
+
+# torch 2.13 renamed these two collectives (the old names warn); earlier releases have only the old names.
+reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
+ZERO_STAGES = (0, 1, 2, 3)
+# ZeRO-2/3: a bucket's full fp32 gradient buffer lives while backward fills it and while it is being reduced;
+# at most this many reductions are in flight before the oldest is waited for and its buffer freed.
+MAX_REDUCTIONS_IN_FLIGHT = 2
+
+
+class ShardedBucket:
+    """Parameters whose values share one flat buffer of the compute dtype, and whose gradients share one flat
+    fp32 buffer; both cut into N pieces, one owned by each rank of the dp x cp group. Under ZeRO-3 a bucket is
+    one unit (a decoder layer, say), and its parameter buffer has memory only while the unit is gathered."""
+
+    def __init__(self, params, zero_stage, group):
+        self.params = params
+        self.zero_stage = zero_stage
+        self.group = group
+        self.num_ranks = dist.get_world_size(group) if group is not None else 1
+        rank = dist.get_rank(group) if group is not None else 0
+        numel = sum(p.numel() for p in params)
+        self.padded_numel = -(-numel // self.num_ranks) * self.num_ranks  # a multiple of N
+        piece = self.padded_numel // self.num_ranks
+        # Stage 0 updates the whole bucket on every rank; stages 1 to 3 only rank i's piece.
+        self.owned = slice(rank * piece, (rank + 1) * piece) if zero_stage > 0 else slice(0, self.padded_numel)
+        first = params[0]
+        self.param_buffer = torch.zeros(self.padded_numel, dtype=first.dtype, device=first.device)
+        self.offsets = []  # each parameter's place in the flat buffers
+        offset = 0
+        for param in params:
+            self.param_buffer[offset:offset + param.numel()].copy_(param.detach().reshape(-1))
+            param.data = self.param_buffer[offset:offset + param.numel()].view_as(param)
+            self.offsets.append(offset)
+            offset += param.numel()
+        # ZeRO-3: the rank keeps its piece of the parameters in a tensor of its own, and the full buffer's
+        # memory exists only while the unit is gathered (the parameters stay views into it all along).
+        self.shards_params = zero_stage == 3 and self.num_ranks > 1
+        self.param_shard = self.param_buffer[self.owned].clone() if self.shards_params else self.param_buffer[self.owned]
+        self.gather_handle = None
+        if self.shards_params:
+            self.free_parameters()
+        # fp32: the master is the parameter itself; otherwise an fp32 copy of the owned piece.
+        self.master_is_param = first.dtype == torch.float32
+        self.master = self.param_shard if self.master_is_param else self.param_shard.float()
+        self.grad_buffer = None  # [padded_numel] fp32
+        # ZeRO-2/3 keep only the owned piece of the gradient between micro-batches; the others use grad_buffer's.
+        self.grad_shard = torch.zeros_like(self.master) if zero_stage >= 2 else None
+        self.num_ready = 0
+        self.handle = None
+        if zero_stage < 2:
+            self.allocate_grad_buffer()
+
+    def gather_parameters(self):
+        """ZeRO-3: start the all-gather that makes the unit's parameters whole (nothing if they are, or are on
+        their way)."""
+        if self.gather_handle is not None or self.param_buffer.untyped_storage().size() > 0:
+            return
+        self.param_buffer.untyped_storage().resize_(self.padded_numel * self.param_buffer.element_size())
+        self.gather_handle = all_gather(self.param_buffer, self.param_shard, group=self.group, async_op=True)
+
+    def wait_parameters(self):
+        self.gather_parameters()
+        if self.gather_handle is not None:
+            self.gather_handle.wait()
+            self.gather_handle = None
+
+    def free_parameters(self):
+        """ZeRO-3: give back the memory of the full parameters; the parameter tensors stay, with no storage."""
+        self.param_buffer.untyped_storage().resize_(0)
+
+    def allocate_grad_buffer(self):
+        self.grad_buffer = torch.zeros(self.padded_numel, dtype=torch.float32, device=self.param_buffer.device)
+        for param, offset in zip(self.params, self.offsets):
+            param.main_grad = self.grad_buffer[offset:offset + param.numel()].view_as(param)
+
+    def mark_ready(self):
+        """One more parameter has its final gradient of this backward; the last one starts the reduction.
+        Returns whether it did."""
+        self.num_ready += 1
+        if self.num_ready < len(self.params):
+            return False
+        self.num_ready = 0
+        if self.num_ranks == 1:
+            self.handle = None
+        elif self.zero_stage == 0:
+            self.handle = dist.all_reduce(self.grad_buffer, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        else:
+            # In place: the sum of rank i's piece over the N ranks lands in rank i's piece of grad_buffer.
+            self.handle = reduce_scatter(self.grad_buffer[self.owned], self.grad_buffer, op=dist.ReduceOp.SUM,
+                                         group=self.group, async_op=True)
+        return True
+
+    def finish_reduction(self):
+        """Wait for the bucket's reduction; at stages 2, 3 add the owned piece to the shard and free the buffer."""
+        if self.handle is not None:
+            self.handle.wait()
+            self.handle = None
+        if self.zero_stage >= 2 and self.grad_buffer is not None:
+            self.grad_shard += self.grad_buffer[self.owned]
+            self.grad_buffer = None  # the full fp32 gradient of the bucket is gone until the next backward
+            for param in self.params:
+                param.main_grad = None
+
+    def owned_grad(self):
+        """The summed gradient of the owned piece (not yet divided by N)."""
+        return self.grad_shard if self.zero_stage >= 2 else self.grad_buffer[self.owned]
+
+    def reset(self):
+        self.num_ready = 0
+        self.handle = None
+        if self.zero_stage >= 2:
+            self.grad_shard.zero_()
+        else:
+            self.grad_buffer.zero_()
+
+
+def decoder_units(module):
+    """ZeRO-3's units, in the order forward runs them: lists of modules whose parameters are gathered together.
+    The embedding, each decoder layer, the final norm with the LM head (of those this pipeline stage holds).
+    A tied LM head is the embedding's weight: then embedding, norm and head are one unit, whole from the
+    embedding's forward to the head's (and in backward from the head's to the embedding's), beside the two
+    layers in flight."""
+    first = [module.embed_tokens] if module.embed_tokens is not None else []
+    last = [m for m in (module.norm, module.lm_head) if m is not None]
+    layers = [[layer] for layer in module.layers]
+    if first and module.lm_head is not None and module.lm_head.weight is module.embed_tokens.weight:
+        return [first + last] + layers
+    return [unit for unit in [first, *layers, last] if unit]
+
+
+class ZeroDataParallel(nn.Module):
+    """Data parallelism over the dp x cp group whose gradients end up sharded (stages 1 to 3) or whole (stage 0)
+    in fp32, and at stage 3 the parameters too; at dp x cp = 1 it is the fp32 gradient accumulator that mixed
+    precision needs."""
+
+    def __init__(self, module, zero_stage=0, bucket_size_mb=25):
+        super().__init__()
+        self.module = module
+        self.zero_stage = zero_stage
+        # False during the gradient-accumulation micro-batches of stages 0 and 1: their gradients only accumulate
+        # locally. Stages 2 and 3 reduce every micro-batch, so that only the owned piece is kept between them.
+        self.require_backward_grad_sync = True
+        grid = pgm.process_group_manager
+        group = grid.cp_dp_group if grid.cp_dp_world_size > 1 else None
+        params = [p for p in module.parameters() if p.requires_grad]
+        if zero_stage == 3:  # a bucket per unit, in forward order
+            units = decoder_units(module)
+            groups = [list(dict.fromkeys(p for m in unit for p in m.parameters() if p.requires_grad)) for unit in units]
+            if sum(len(g) for g in groups) != len(params):
+                raise ValueError("ZeRO-3 gathers the embedding, the decoder layers and the final norm with the LM "
+                                 "head; this model has parameters outside them")
+        else:
+            groups = DataParallelBucket.group_into_buckets(params[::-1], bucket_size_mb)
+        self.buckets = [ShardedBucket(bucket_params, zero_stage, group) for bucket_params in groups]
+        self.in_flight = []  # buckets whose reduction was started and not yet waited for, oldest first
+        for bucket in self.buckets:
+            for param in bucket.params:
+                param.register_post_accumulate_grad_hook(functools.partial(self._gradient_ready, bucket))
+        if zero_stage == 3 and group is not None:
+            for index, unit in enumerate(units):
+                unit[0].register_forward_pre_hook(functools.partial(self._before_forward, index))
+                unit[-1].register_forward_hook(functools.partial(self._after_forward, index))
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def _before_forward(self, index, module, args):
+        self.buckets[index].wait_parameters()  # unit index is whole from here ...
+        if index + 1 < len(self.buckets):
+            self.buckets[index + 1].gather_parameters()  # prefetch: the next unit's gather overlaps this compute
+
+    def _after_forward(self, index, module, args, output):
+        self.buckets[index].free_parameters()  # ... to here
+        if output.requires_grad:  # its gradient arrives just before this unit's backward starts
+            output.register_hook(functools.partial(self._before_backward, index))
+
+    def _before_backward(self, index, output_grad):
+        self.buckets[index].wait_parameters()  # whole again until its last gradient (_gradient_ready)
+        if index > 0:
+            self.buckets[index - 1].gather_parameters()  # prefetch: backward runs the units in reverse
+
+    def _gradient_ready(self, bucket, param):
+        if self.zero_stage >= 2 and bucket.num_ready == 0:  # the bucket's first gradient of this backward
+            if bucket in self.in_flight:  # still reducing the previous micro-batch's gradients
+                self.in_flight.remove(bucket)
+                bucket.finish_reduction()
+            bucket.allocate_grad_buffer()
+        param.main_grad.add_(param.grad)
+        param.grad = None
+        if (self.require_backward_grad_sync or self.zero_stage >= 2) and bucket.mark_ready():
+            self.in_flight.append(bucket)
+            if self.zero_stage >= 2 and len(self.in_flight) > MAX_REDUCTIONS_IN_FLIGHT:
+                self.in_flight.pop(0).finish_reduction()
+            if bucket.shards_params:
+                bucket.free_parameters()  # the unit's backward is over: no gradient needs its weights any more
+
+    def finish_gradient_synchronization(self):
+        """Wait for every bucket's reduction; then each rank holds the summed gradient of the piece it owns."""
+        for bucket in self.in_flight:
+            bucket.finish_reduction()
+        self.in_flight = []
+        for bucket in self.buckets:
+            if bucket.grad_buffer is not None and bucket.num_ready:
+                names = ", ".join(str(tuple(p.shape)) for p in bucket.params)
+                raise RuntimeError(f"a gradient bucket was never reduced: some of its parameters ({names}) got no "
+                                   f"gradient in the last backward (unused parameters are not supported)")
+
+    def zero_grad(self, set_to_none=True):
+        super().zero_grad(set_to_none)
+        for bucket in self.buckets:
+            bucket.reset()
+
+
+class ZeroAdamW:
+    """torch.optim.AdamW on the flat fp32 master pieces this rank owns (AdamW is elementwise, so a flat piece
+    is updated exactly as its parameters would be one by one); after the step the master is cast into the
+    compute parameters and, under ZeRO-1/2, every rank's updated piece is all-gathered (under ZeRO-3 the next
+    forward gathers each unit when it needs it)."""
+
+    def __init__(self, model, lr):
+        self.buckets = model.buckets
+        self.num_ranks = pgm.process_group_manager.cp_dp_world_size
+        self.optimizer = torch.optim.AdamW([bucket.master for bucket in self.buckets], lr=lr)
+
+    def step(self):
+        for bucket in self.buckets:
+            grad = bucket.owned_grad()
+            if self.num_ranks > 1:
+                grad /= self.num_ranks  # gloo has no ReduceOp.AVG: the reductions summed
+            bucket.master.grad = grad
+        self.optimizer.step()
+        handles = []
+        for bucket in self.buckets:
+            owned = bucket.param_shard
+            if not bucket.master_is_param:
+                owned.copy_(bucket.master)  # fp32 master -> compute dtype
+            if bucket.zero_stage in (1, 2) and bucket.num_ranks > 1:
+                # In place: rank i's piece is already where it belongs in the gathered buffer.
+                handles.append(all_gather(bucket.param_buffer, owned, group=bucket.group, async_op=True))
+            bucket.master.grad = None
+        for handle in handles:
+            handle.wait()
