@@ -1,4 +1,4 @@
-"""Checks step 11's ZeRO from inside a 4-process run (dp 2 x cp 2: one dp x cp group of 4); writes JSON.
+"""Checks steps 11 and 12's ZeRO from inside a 4-process run (dp 2 x cp 2: one dp x cp group of 4); writes JSON.
 
     python -m torch.distributed.run --standalone --nproc_per_node 4 tests/zero_check.py out.json
 
@@ -6,10 +6,15 @@ For zero stages 0, 1 and 2, in fp32 and bf16: a few optimizer steps (grad_acc 2)
 tokens that differ on every rank. After every step it gathers every rank's parameters and records whether
 they are bitwise identical across the group. It also records the most full fp32 gradient buffers of
 ZeRO-2 alive at once during backward, the number of buckets, and how the optimizer's fp32 master is split
-(each rank's owned elements, and whether the pieces tile the padded buckets). tests/test_zero.py asserts
-on the JSON.
+(each rank's owned elements, and whether the pieces tile the padded buckets).
+
+Step 12's ZeRO-3, in fp32 and bf16, beside step 12's stage 2 on the same tokens: the losses of every step, the
+most units whose full parameters exist at once (counted after every gather and free), how many are whole
+after each step, and each unit's parameter piece against its padded size. tests/test_zero.py asserts on the
+JSON.
 """
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -26,6 +31,10 @@ from model import Llama  # noqa: E402
 from utils import load_config  # noqa: E402
 
 STEPS, GRAD_ACC, SEQ = 3, 2, 16
+# step 12's zero.py beside step 11's (its other modules are the same files as step 11's)
+spec = importlib.util.spec_from_file_location("zero12", ROOT / "step12_fsdp" / "zero.py")
+zero12 = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(zero12)
 
 
 class ScaledLlama(torch.nn.Module):
@@ -40,24 +49,37 @@ class ScaledLlama(torch.nn.Module):
         return self.llama(**kwargs) * self.scale.mean()
 
 
+def tiny_config(num_hidden_layers):
+    return load_config(argparse.Namespace(model_name=str(ROOT / "assets" / "tiny_llama"), seq_len=SEQ,
+                                          num_hidden_layers=num_hidden_layers, num_attention_heads=None,
+                                          num_key_value_heads=None))
+
+
+def train_step(model, optimizer, config, generator):
+    """One optimizer step of GRAD_ACC micro-batches of random tokens; returns this rank's summed loss."""
+    model.zero_grad()
+    total = 0.0
+    for i in range(GRAD_ACC):
+        model.require_backward_grad_sync = i == GRAD_ACC - 1
+        tokens = torch.randint(0, config.vocab_size, (1, SEQ + 1), generator=generator)
+        logits = model(input_ids=tokens[:, :-1], position_ids=torch.arange(SEQ)[None])  # [1, seq, vocab]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
+        (loss / GRAD_ACC).backward()
+        total += loss.item() / GRAD_ACC
+    model.finish_gradient_synchronization()
+    optimizer.step()
+    return total
+
+
 def train(zero_stage, dtype, live_buffers):
     torch.manual_seed(0)  # the same initial weights on every rank
-    config = load_config(argparse.Namespace(model_name=str(ROOT / "assets" / "tiny_llama"), seq_len=SEQ,
-                                            num_hidden_layers=2, num_attention_heads=None, num_key_value_heads=None))
+    config = tiny_config(num_hidden_layers=2)
     model = zero.ZeroDataParallel(ScaledLlama(config).to(dtype), zero_stage=zero_stage, bucket_size_mb=0.5)
     optimizer = zero.ZeroAdamW(model, lr=1e-3)
     generator = torch.Generator().manual_seed(1 + dist.get_rank())  # different tokens on every rank
     identical = []
     for _ in range(STEPS):
-        model.zero_grad()
-        for i in range(GRAD_ACC):
-            model.require_backward_grad_sync = i == GRAD_ACC - 1
-            tokens = torch.randint(0, config.vocab_size, (1, SEQ + 1), generator=generator)
-            logits = model(input_ids=tokens[:, :-1], position_ids=torch.arange(SEQ)[None])  # [1, seq, vocab]
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
-            (loss / GRAD_ACC).backward()
-        model.finish_gradient_synchronization()
-        optimizer.step()
+        train_step(model, optimizer, config, generator)
         mine = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
         everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(everyone, mine)
@@ -67,6 +89,39 @@ def train(zero_stage, dtype, live_buffers):
             "padded": [bucket.padded_numel for bucket in model.buckets],
             "max_live_full_grad_buffers": max(live_buffers, default=0),
             "grad_buffers_after_sync": sum(bucket.grad_buffer is not None for bucket in model.buckets)}
+
+
+def train_fsdp(dtype):
+    """Step 12: stage 2 and stage 3 from the same weights on the same tokens (4 layers: 6 units)."""
+    config = tiny_config(num_hidden_layers=4)
+    models = {}
+    for zero_stage in (2, 3):
+        torch.manual_seed(0)
+        model = zero12.ZeroDataParallel(Llama(config).to(dtype), zero_stage=zero_stage, bucket_size_mb=0.5)
+        models[zero_stage] = model, zero12.ZeroAdamW(model, lr=1e-3)
+    units = models[3][0].buckets
+    whole = lambda: sum(unit.param_buffer.untyped_storage().size() > 0 for unit in units)  # noqa: E731
+    most_whole = [0]
+    originals = {name: getattr(zero12.ShardedBucket, name) for name in ("gather_parameters", "free_parameters")}
+    for name, original in originals.items():
+        def counted(bucket, original=original):
+            original(bucket)
+            most_whole[0] = max(most_whole[0], whole())
+        setattr(zero12.ShardedBucket, name, counted)
+    losses = {2: [], 3: []}
+    whole_after_step = []
+    for zero_stage, (model, optimizer) in models.items():
+        generator = torch.Generator().manual_seed(1 + dist.get_rank())
+        for _ in range(STEPS):
+            losses[zero_stage].append(train_step(model, optimizer, config, generator))
+            if zero_stage == 3:
+                whole_after_step.append(whole())
+    for name, original in originals.items():
+        setattr(zero12.ShardedBucket, name, original)
+    return {"losses_zero2": losses[2], "losses_zero3": losses[3], "units": len(units),
+            "most_units_whole_at_once": most_whole[0], "units_whole_after_each_step": whole_after_step,
+            "param_shard": [unit.param_shard.numel() for unit in units], "padded": [unit.padded_numel for unit in units],
+            "param_buffer_bytes_after_step": sum(unit.param_buffer.untyped_storage().size() for unit in units)}
 
 
 def main():
@@ -96,6 +151,7 @@ def main():
             buckets_alive.clear()
             results[f"{str(dtype).split('.')[1]}_zero{zero_stage}"] = train(zero_stage, dtype, live_buffers)
             zero.ShardedBucket.__init__ = original_init
+        results[f"{str(dtype).split('.')[1]}_fsdp"] = train_fsdp(dtype)
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(results))
     dist.barrier()
