@@ -1,6 +1,6 @@
 """tools/benchmark_zero.py at a toy size (dp 1 and 2, 2 layers of hidden 64): the bytes it reports are the ZeRO
-accounting of step11_zero/zero.py, exactly where padding allows, and our stage 1 takes the same steps as PyTorch's
-ZeroRedundancyOptimizer + DDP."""
+accounting of step12_fsdp/zero.py (stages 0-2 are step 11's), exactly where padding allows, and our stage 1 takes
+the same steps as PyTorch's ZeroRedundancyOptimizer + DDP."""
 import json
 import subprocess
 import sys
@@ -11,7 +11,7 @@ from conftest import ROOT, import_step, run_env
 
 GRAD_ACC = 2
 KEYS = {"contestant", "zero_stage", "dp_size", "dtype", "param_bytes", "grad_bytes", "optimizer_bytes", "bytes_sent",
-        "step_seconds", "tokens_per_second", "losses", "expected_total_bytes"}
+        "step_seconds", "tokens_per_second", "losses", "expected_total_bytes", "in_flight_bytes"}
 # |loss difference| per step, our fp32 stage 1 vs PyTorch's ZeRO-1 at dp 2: measured 0.0 (the same steps bit
 # for bit at this size; 1.8e-7 at dp 4 at the default size), held to the parity contract's first-step bound.
 LOSS_TOLERANCE = 1e-5
@@ -36,8 +36,8 @@ def row(rows, zero_stage, dp_size, contestant="ours", dtype="bfloat16"):
 
 
 def test_rows_and_keys(rows):
-    # dp 1: our three stages; dp 2: also our fp32 stage 1 and PyTorch's ZeRO-1
-    assert len(rows) == 3 + 5
+    # dp 1: our four stages; dp 2: also our fp32 stage 1 and PyTorch's ZeRO-1
+    assert len(rows) == 4 + 6
     for r in rows:
         assert KEYS <= set(r), KEYS - set(r)
         assert r["step_seconds"] > 0 and r["tokens_per_second"] > 0
@@ -63,7 +63,7 @@ def test_memory_per_rank(rows):
 
     # Gradients: full fp32 buffers at stages 0 and 1; at stage 2 the owned half plus the full buffers of the
     # buckets in flight, at least one (the bucket backward fills) and at most MAX_REDUCTIONS_IN_FLIGHT + 1.
-    max_in_flight = import_step("step11", "zero").MAX_REDUCTIONS_IN_FLIGHT + 1
+    max_in_flight = import_step("step12", "zero").MAX_REDUCTIONS_IN_FLIGHT + 1
     for dp_size, numel in ((1, num_params), (2, padded)):
         assert row(rows, 0, dp_size)["grad_bytes"] == row(rows, 1, dp_size)["grad_bytes"] == 4 * numel
         stage2 = row(rows, 2, dp_size)
@@ -78,8 +78,27 @@ def test_memory_per_rank(rows):
     assert abs(total / stage1["expected_total_bytes"] - 1) < 0.01
 
 
-def test_bytes_sent(rows):
+def test_zero_3_memory_per_rank(rows):
+    """Stage 3 at dp 2: every term halved (each unit padded by at most 1 element), the formula (P + G + O)/N
+    within 1%, and beside it the whole units in flight: at least the largest unit's parameters, at most two
+    units' parameters plus MAX_REDUCTIONS_IN_FLIGHT + 1 full gradient buffers."""
+    stage0_dp1, stage3 = row(rows, 0, 1), row(rows, 3, 2)
+    num_params, num_units = stage0_dp1["num_params"], stage3["num_buckets"]
+    assert num_units == 4  # embedding, 2 layers, norm + LM head
+    piece = stage3["param_bytes"] // 2  # elements each rank keeps of the bf16 parameters
+    assert 0 <= 2 * piece - num_params <= num_units
+    assert (stage3["grad_bytes"], stage3["optimizer_bytes"]) == (4 * piece, 12 * piece)
+    total = stage3["param_bytes"] + stage3["grad_bytes"] + stage3["optimizer_bytes"]
+    assert abs(total / stage3["expected_total_bytes"] - 1) < 0.01
+    largest_unit = stage3["largest_bucket_bytes"] // 4  # elements
+    max_reducing = import_step("step12", "zero").MAX_REDUCTIONS_IN_FLIGHT + 1
+    assert 2 * largest_unit <= stage3["in_flight_bytes"] <= 2 * (2 * largest_unit) + max_reducing * 4 * largest_unit
     for stage in (0, 1, 2):
+        assert row(rows, stage, 2)["in_flight_bytes"] is None
+
+
+def test_bytes_sent(rows):
+    for stage in (0, 1, 2, 3):
         assert row(rows, stage, 1)["bytes_sent"] == 0
     grads = row(rows, 0, 2)["grad_bytes"]  # padded fp32 gradients
     params = row(rows, 0, 2)["param_bytes"]  # padded bf16 parameters
@@ -87,6 +106,10 @@ def test_bytes_sent(rows):
     assert row(rows, 0, 2)["bytes_sent"] == grads  # one all-reduce per step
     assert row(rows, 1, 2)["bytes_sent"] == grads // 2 + params // 2  # reduce-scatter, all-gather
     assert row(rows, 2, 2)["bytes_sent"] == GRAD_ACC * grads // 2 + params // 2  # a reduce-scatter per micro-batch
+    # stage 3, per micro-batch: the parameters gathered twice (forward, backward), the gradients reduce-scattered;
+    # each rank sends half of each full buffer, i.e. its piece, whose bytes are the row's param and grad bytes
+    stage3 = row(rows, 3, 2)
+    assert stage3["bytes_sent"] == GRAD_ACC * (2 * stage3["param_bytes"] + stage3["grad_bytes"])
     assert row(rows, 1, 2, contestant="torch", dtype="float32")["bytes_sent"] is None  # DDP's are not counted
 
 

@@ -1,15 +1,19 @@
-"""ZeRO-1/2 (step 11) per rank: memory of parameters, gradients and optimizer state, bytes sent and step time,
-for zero_stage 0, 1, 2 at dp 1, 2, 4 on CPU with gloo, beside PyTorch's ZeRO-1.
+"""ZeRO-1/2/3 (steps 11, 12) per rank: memory of parameters, gradients and optimizer state, bytes sent and step
+time, for zero_stage 0 to 3 at dp 1, 2, 4 on CPU with gloo, beside PyTorch's ZeRO-1.
 
 For each dp size N, N processes train the same Llama (same seed) on the same random batches with
-step11_zero/zero.py, one model per zero stage, taking turns (1 warm-up step each, then rounds of one step
+step12_fsdp/zero.py (whose stages 0-2 are step 11's), one model per zero stage, taking turns (1 warm-up step each, then rounds of one step
 each, order rotated every round) so all see the same machine load. Per rank it measures:
 
-  param_bytes      the compute parameters (the buckets' flat parameter buffers)
+  param_bytes      the compute parameters (the buckets' flat parameter buffers; at stage 3 the pieces kept)
   grad_bytes       the most fp32 gradient memory held at any moment of the step: full bucket buffers alive
                    plus owned shards. ShardedBucket.allocate_grad_buffer and finish_reduction are wrapped
                    here to follow the live bytes (zero.py is not changed): at stage 2 the full buffers of
-                   the buckets being filled or reduced exist only for a moment, the end of a step misses them
+                   the buckets being filled or reduced exist only for a moment, the end of a step misses them.
+                   At stage 3: the owned pieces only, what a rank holds between units
+  in_flight_bytes  stage 3: the most bytes of whole units at any moment, the gathered compute parameters and
+                   the full fp32 gradient buffers together (gather_parameters and free_parameters are
+                   wrapped too); None at stages 0-2
   optimizer_bytes  the fp32 master where it is a separate copy (not at fp32) + AdamW's exp_avg, exp_avg_sq
   bytes_sent       per rank per optimizer step, counted by wrapping torch.distributed.all_reduce,
                    reduce_scatter_single and all_gather_single (or their pre-2.13 names), ring convention:
@@ -19,7 +23,8 @@ each, order rotated every round) so all see the same machine load. Per rank it m
                    tokens/s of the whole group
 
 The goal column holds each row against the ZeRO paper's accounting, taken from stage 0 at dp 1 (P, G, O its
-param, grad and optimizer bytes): stage 0 P + G + O, stage 1 P + G + O/N, stage 2 P + (G + O)/N. A bucket never
+param, grad and optimizer bytes): stage 0 P + G + O, stage 1 P + G + O/N, stage 2 P + (G + O)/N, stage 3
+(P + G + O)/N, the units in flight beside it. A bucket never
 splits a parameter, so at stage 2 the largest parameters bound the gradient buffers in flight
 (MAX_REDUCTIONS_IN_FLIGHT reducing + the one backward fills): the default model is deep and narrow, with a
 small vocabulary, so that its largest matrix is 0.6% of the weights and those buffers stay under 2% of the
@@ -63,7 +68,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import LlamaConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "step11_zero"))
+sys.path.insert(0, str(ROOT / "step12_fsdp"))
 import process_group_manager as pgm  # noqa: E402
 import zero  # noqa: E402
 from model import Llama  # noqa: E402
@@ -72,7 +77,7 @@ from zero import MAX_REDUCTIONS_IN_FLIGHT, ShardedBucket, ZeroAdamW, ZeroDataPar
 sys.path.insert(0, str(ROOT / "tools" / "lib"))
 from measure import free_port  # noqa: E402
 
-STAGES = (0, 1, 2)
+STAGES = (0, 1, 2, 3)
 MB = 2**20
 
 
@@ -108,32 +113,49 @@ def nbytes(tensor):
     return 0 if tensor is None else tensor.numel() * tensor.element_size()
 
 
-class GradientMeter:
-    """Live bytes of one model's fp32 gradients (full bucket buffers + owned shards) and their maximum."""
+class MemoryMeter:
+    """Live bytes of one model's fp32 gradients (full bucket buffers + owned shards) and of its whole units
+    (stage 3's gathered parameters), and their maxima: the gradients alone, and the full buffers together
+    with the whole units (what stage 3 holds in flight)."""
 
     meters = {}  # ShardedBucket -> its model's meter
 
     def __init__(self, buckets):
-        self.live = sum(nbytes(bucket.grad_buffer) + nbytes(bucket.grad_shard) for bucket in buckets)
-        self.peak = self.live
+        self.shards = sum(nbytes(bucket.grad_shard) for bucket in buckets)
+        self.full = sum(nbytes(bucket.grad_buffer) for bucket in buckets)  # full fp32 gradient buffers alive
+        self.whole = 0  # gathered parameter buffers alive
+        self.peak_grad = self.shards + self.full
+        self.peak_in_flight = self.full
         for bucket in buckets:
-            GradientMeter.meters[bucket] = self
+            MemoryMeter.meters[bucket] = self
 
-    def add(self, delta):
-        self.live += delta
-        self.peak = max(self.peak, self.live)
+    def add(self, full=0, whole=0):
+        self.full += full
+        self.whole += whole
+        self.peak_grad = max(self.peak_grad, self.shards + self.full)
+        self.peak_in_flight = max(self.peak_in_flight, self.full + self.whole)
 
     @staticmethod
     def watch():
-        """Wrap the two methods that create and drop a bucket's full gradient buffer. Counting the difference
-        keeps each call O(1): summing all buckets at every gradient would slow the step being timed."""
-        for name in ("allocate_grad_buffer", "finish_reduction"):
-            def wrapped(bucket, original=getattr(ShardedBucket, name)):
-                before = nbytes(bucket.grad_buffer)
+        """Wrap the methods that create and drop a bucket's full gradient buffer or a unit's whole parameters.
+        Counting the difference keeps each call O(1): summing all buckets at every gradient would slow the step
+        being timed."""
+        def gradient_bytes(bucket):
+            return nbytes(bucket.grad_buffer)
+
+        def parameter_bytes(bucket):
+            return bucket.param_buffer.untyped_storage().nbytes()
+
+        for name, measure, kind in (("allocate_grad_buffer", gradient_bytes, "full"),
+                                    ("finish_reduction", gradient_bytes, "full"),
+                                    ("gather_parameters", parameter_bytes, "whole"),
+                                    ("free_parameters", parameter_bytes, "whole")):
+            def wrapped(bucket, original=getattr(ShardedBucket, name), measure=measure, kind=kind):
+                before = measure(bucket)
                 original(bucket)
-                meter = GradientMeter.meters.get(bucket)  # none yet while the model is being wrapped
+                meter = MemoryMeter.meters.get(bucket)  # none yet while the model is being wrapped
                 if meter:
-                    meter.add(nbytes(bucket.grad_buffer) - before)
+                    meter.add(**{kind: measure(bucket) - before})
             setattr(ShardedBucket, name, wrapped)
 
 
@@ -209,8 +231,10 @@ def ours_memory(model, optimizer, meter):
     buckets = model.buckets
     moments = sum(nbytes(state[key]) for state in optimizer.optimizer.state.values()
                   for key in ("exp_avg", "exp_avg_sq"))
-    return {"param_bytes": sum(nbytes(bucket.param_buffer) for bucket in buckets),
-            "grad_bytes": meter.peak,
+    sharded = model.zero_stage == 3  # between units: the owned pieces; the whole units are in_flight_bytes
+    return {"param_bytes": sum(nbytes(b.param_shard) if b.shards_params else nbytes(b.param_buffer) for b in buckets),
+            "grad_bytes": meter.shards if sharded else meter.peak_grad,
+            "in_flight_bytes": meter.peak_in_flight if sharded else None,
             "optimizer_bytes": moments + sum(nbytes(b.master) for b in buckets if not b.master_is_param),
             "grad_shard_bytes": sum(nbytes(bucket.grad_shard) for bucket in buckets),
             "largest_bucket_bytes": max(bucket.padded_numel for bucket in buckets) * 4,  # its fp32 buffer
@@ -219,7 +243,7 @@ def ours_memory(model, optimizer, meter):
 
 def torch_memory(model, optimizer):
     moments = sum(nbytes(state[key]) for state in optimizer.optim.state.values() for key in ("exp_avg", "exp_avg_sq"))
-    return {"param_bytes": sum(nbytes(p) for p in model.parameters()), "grad_bytes": None,
+    return {"param_bytes": sum(nbytes(p) for p in model.parameters()), "grad_bytes": None, "in_flight_bytes": None,
             "optimizer_bytes": moments}  # fp32: the master is the parameter
 
 
@@ -228,7 +252,7 @@ def worker(rank, dp_size, port, args, result_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=dp_size)
     pgm.setup_process_group_manager(tp_size=1, cp_size=1, pp_size=1, dp_size=dp_size)
     group = pgm.process_group_manager.cp_dp_group
-    GradientMeter.watch()
+    MemoryMeter.watch()
     sent = SentBytes()
     config = model_config(args)
     dtype = getattr(torch, args.dtype)
@@ -244,7 +268,7 @@ def worker(rank, dp_size, port, args, result_dir):
         kind, stage, dtype_name = key
         if kind == "ours":
             model, optimizer = build_ours(config, zero_stage=stage, dtype=getattr(torch, dtype_name), args=args)
-            built[key] = model, optimizer, GradientMeter(model.buckets)
+            built[key] = model, optimizer, MemoryMeter(model.buckets)
         else:
             built[key] = (*build_torch(config, group, args), None)
     num_params = sum(p.numel() for p in built[contestants[0]][0].parameters())
@@ -286,7 +310,7 @@ def merge_ranks(per_rank, tokens_per_step):
     """One row from every rank's result of one contestant: the fullest rank's bytes (what must fit), the
     slowest rank's time per step, the loss averaged over the ranks (the loss of the global batch)."""
     row = dict(per_rank[0])
-    for key in ("param_bytes", "grad_bytes", "optimizer_bytes", "grad_shard_bytes", "bytes_sent"):
+    for key in ("param_bytes", "grad_bytes", "optimizer_bytes", "grad_shard_bytes", "in_flight_bytes", "bytes_sent"):
         if row.get(key) is not None:
             row[key] = max(r[key] for r in per_rank)
     row["step_seconds"] = statistics.median(max(times) for times in zip(*(r["step_seconds"] for r in per_rank)))
@@ -303,7 +327,7 @@ def add_expected(rows, dtype):
         expected = None
         if base and row["contestant"] == "ours" and row["dtype"] == dtype:
             P, G, O, N = base["param_bytes"], base["grad_bytes"], base["optimizer_bytes"], row["dp_size"]
-            expected = (P + G + O, P + G + O / N, P + (G + O) / N)[row["zero_stage"]]
+            expected = (P + G + O, P + G + O / N, P + (G + O) / N, (P + G + O) / N)[row["zero_stage"]]
         row["expected_total_bytes"] = expected
 
 
@@ -338,18 +362,21 @@ def print_table(rows, args):
     if base:
         print(f"P, G, O (stage 0, dp 1): {base['param_bytes'] / MB:.1f}, {base['grad_bytes'] / MB:.1f}, "
               f"{base['optimizer_bytes'] / MB:.1f} MB | expected per rank: stage 0 P + G + O, stage 1 P + G + O/N, "
-              f"stage 2 P + (G + O)/N | sent/G: bytes sent per step over G")
+              f"stage 2 P + (G + O)/N, stage 3 (P + G + O)/N and the whole units in flight beside it (not in the "
+              f"total) | sent/G: bytes sent per step over G")
     print(f"{'stage':>5} {'dp':>3} {'params MB':>10} {'grads MB':>9} {'optim MB':>9} {'total MB':>9} "
-          f"{'expected':>9} {'ratio':>6} {'goal':>5} {'sent MB':>8} {'sent/G':>7} {'ms/step':>8} {'tokens/s':>9}")
+          f"{'expected':>9} {'ratio':>6} {'goal':>5} {'in flight':>9} {'sent MB':>8} {'sent/G':>7} {'ms/step':>8} "
+          f"{'tokens/s':>9}")
     for row in ours:
         expected, total = row["expected_total_bytes"], total_bytes(row)
         goal = f"{'-':>9} {'-':>6} {'-':>5}"  # no stage 0 at dp 1 to take P, G, O from
         if expected:
             verdict = "ok" if abs(total / expected - 1) <= 0.05 else "MISS"
             goal = f"{expected / MB:>9.1f} {total / expected:>6.3f} {verdict:>5}"
+        in_flight = "-" if row["in_flight_bytes"] is None else f"{row['in_flight_bytes'] / MB:.1f}"
         print(f"{row['zero_stage']:>5} {row['dp_size']:>3} {row['param_bytes'] / MB:>10.1f} "
               f"{row['grad_bytes'] / MB:>9.1f} {row['optimizer_bytes'] / MB:>9.1f} {total / MB:>9.1f} {goal} "
-              f"{row['bytes_sent'] / MB:>8.1f} {row['bytes_sent'] / grads:>7.3f} {row['step_seconds'] * 1000:>8.0f} "
+              f"{in_flight:>9} {row['bytes_sent'] / MB:>8.1f} {row['bytes_sent'] / grads:>7.3f} {row['step_seconds'] * 1000:>8.0f} "
               f"{row['tokens_per_second']:>9.0f}")
 
     pairs = [(ours_row, theirs) for theirs in rows if theirs["contestant"] == "torch"
@@ -371,14 +398,14 @@ def print_table(rows, args):
 
 def plot(rows, path, dtype):
     """Stacked bars params / grads / optimizer per stage, grouped by dp size, each beside an outlined bar as
-    tall as the formula's total."""
+    tall as the formula's total; at stage 3 a hatched segment on top: the whole units in flight."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ours = [r for r in rows if r["contestant"] == "ours" and r["dtype"] == dtype]
     dp_sizes = sorted({r["dp_size"] for r in ours})
-    fig, ax = plt.subplots(figsize=(9, 4.8))
+    fig, ax = plt.subplots(figsize=(11, 4.8))
     width, ticks, labels = 0.32, [], []
     for group_index, dp_size in enumerate(dp_sizes):
         for row in (r for r in ours if r["dp_size"] == dp_size):
@@ -388,6 +415,10 @@ def plot(rows, path, dtype):
                                       ("optimizer_bytes", "#55a868", "fp32 master + AdamW moments")):
                 ax.bar(x, row[key] / MB, width, bottom=bottom, color=color, label=label if x == 0 else None)
                 bottom += row[key] / MB
+            if row["in_flight_bytes"]:
+                ax.bar(x, row["in_flight_bytes"] / MB, width, bottom=bottom, color="white", edgecolor="#8172b3",
+                       hatch="///", label="stage 3: whole units in flight" if row["zero_stage"] == 3 and
+                       group_index == len(dp_sizes) - 1 else None)
             if row["expected_total_bytes"]:
                 ax.bar(x + width, row["expected_total_bytes"] / MB, width, fill=False, linestyle="--",
                        edgecolor="black", label="ZeRO paper's formula" if x == 0 else None)
@@ -401,7 +432,7 @@ def plot(rows, path, dtype):
     num_params = ours[0]["num_params"]
     ax.set_title(f"ZeRO memory per rank, {num_params / 1e6:.1f}M parameters, {dtype} compute "
                  f"(measured; numbers: measured / formula)", fontsize=10)
-    ax.legend(fontsize=8, ncol=4, loc="upper center")
+    ax.legend(fontsize=8, ncol=5, loc="upper center")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
