@@ -1,0 +1,24 @@
+"""tools/benchmark_fsdp.py at a toy size (2 layers of hidden 64, dp 2): our ZeRO-3 and PyTorch's FSDP2 take the
+same steps from the same weights, and the tool reports what the issue asks for."""
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, run_env
+
+# Largest per-step |loss difference|, ours vs FSDP2: measured 0.0 at this size and at the default 31.7M
+# parameters (the same fp32 algorithm, the same summation on 2 ranks); held to the parity contract's 1e-5.
+LOSS_TOLERANCE = 1e-5
+
+
+def test_ours_and_fsdp2_take_the_same_steps(tmp_path):
+    command = [sys.executable, str(ROOT / "tools" / "benchmark_fsdp.py"), "--hidden_size", "64", "--intermediate_size",
+               "128", "--num_hidden_layers", "2", "--steps", "2", "--json"]
+    proc = subprocess.run(command, cwd=ROOT, env=run_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["ours_step_s"] > 0 and result["torch_step_s"] > 0
+    assert len(result["ours_losses"]) == len(result["torch_losses"]) == 3  # warm-up + 2 timed steps
+    assert result["ours_losses"][0] > 5  # ln(512) = 6.2 at random weights: a real loss
+    assert result["max_abs_dloss"] <= LOSS_TOLERANCE, (result["ours_losses"], result["torch_losses"])
+    assert result["max_abs_dloss"] == max(abs(a - b) for a, b in zip(result["ours_losses"], result["torch_losses"]))
