@@ -1,12 +1,18 @@
 """Step 12, ZeRO-3 (fully sharded data parallelism): dp 2, dp 4, dp 2 x tp 2, dp 2 x pp 2 (1F1B) and dp 2 x cp 2
 at --zero_stage 3 train the single-process run (the parity contract); at dp 2 stage 3 takes exactly the steps
-of step 11's stage 2, and step 12's stages 0-2 are step 11's, bit for bit. What a rank holds between units and
-in flight is checked from inside a run by tests/zero_check.py (tests/test_zero.py)."""
+of step 11's stage 2, and step 12's stages 0-2 are step 11's, bit for bit. A stage-3 checkpoint resumes bit for
+bit, on one process at stage 0, and a stage-0 checkpoint resumes at stage 3 under dp 2 x tp 2; the export loads in
+transformers. What a rank holds between units and in flight is checked from inside a run by tests/zero_check.py
+(tests/test_zero.py)."""
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import assert_parity
+from conftest import assert_parity, max_abs_diff
+from test_checkpoint import COMMON as CHECKPOINT_COMMON
+from test_checkpoint import LAYOUTS as CHECKPOINT_LAYOUTS
+from test_checkpoint import SAVE_AT, export_and_compare, halfway_copy, launch_two_at_a_time
 from test_zero import BASELINE, COMMON, DP2, LAYOUTS, SHORT
 
 FSDP_LAYOUTS = {
@@ -56,3 +62,68 @@ def test_step_12_keeps_step_11s_stages_bit_for_bit(runs):
     step11, step12 = runs["step11_dp2_zero1"], runs["step12_dp2_zero1"]
     assert step12.returncode == 0, step12
     assert len(step12.losses) == 10 and step12.losses == step11.losses[:10]
+
+
+# Checkpoints: the layouts of tests/test_checkpoint.py (3 layers, 6 steps, saves at step 3 and 6).
+ZERO3_DP2 = (2, *CHECKPOINT_LAYOUTS["dp2_bucket"][1], "--zero_stage", 3)
+BASELINE_ZERO0 = (1, *CHECKPOINT_LAYOUTS["baseline"][1], "--zero_stage", 0)
+ZERO3_DP2_TP2 = (4, "--micro_batch_size", 1, "--gradient_accumulation_steps", 2, "--dp_size", 2, "--tp_size", 2,
+                 "--zero_stage", 3)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_runs(torchrun, tmp_path_factory):
+    """A stage-3 run at dp 2 that saves at step 3 and 6; from its step-3 checkpoint, steps 4-6 again at dp 2 stage
+    3 and on one process at stage 0 (which saves after every step, keeping them all); from that stage-0 step-4 checkpoint, steps 5-6
+    at dp 2 x tp 2, stage 3."""
+    def run(layout, save_dir, *extra):
+        nproc, *args = layout
+        return torchrun("step12", nproc, *CHECKPOINT_COMMON, *args, "--save_dir", save_dir, *extra)
+
+    save_dir = tmp_path_factory.mktemp("ckpt12_zero3_dp2")
+    runs = {"zero3_dp2": (run(ZERO3_DP2, save_dir, "--save_every", SAVE_AT), save_dir)}
+
+    def resume(item):
+        name, layout, extra = item
+        copy = halfway_copy(save_dir, tmp_path_factory.mktemp(f"resume12_{name}") / "ckpt")
+        return name, (run(layout, copy, "--resume", *extra), copy)
+
+    runs.update(launch_two_at_a_time(resume, [("zero3_dp2_again", ZERO3_DP2, ()),
+                                              ("baseline_zero0", BASELINE_ZERO0,
+                                               ("--save_every", 1, "--keep_last", 4))]))
+    stage0_dir = runs["baseline_zero0"][1]
+    step4 = tmp_path_factory.mktemp("resume12_tp2") / "ckpt"
+    shutil.copytree(stage0_dir, step4, ignore=shutil.ignore_patterns("step_000005", "step_000006"))
+    runs["zero3_dp2_tp2"] = (run(ZERO3_DP2_TP2, step4, "--resume"), step4)
+    return runs
+
+
+def test_a_zero_3_checkpoint_resumes_bit_for_bit(checkpoint_runs):
+    (full, save_dir), (run, _) = checkpoint_runs["zero3_dp2"], checkpoint_runs["zero3_dp2_again"]
+    assert full.returncode == 0, full
+    assert run.returncode == 0, run
+    # each rank wrote its own pieces: two files, nothing gathered to one rank
+    assert sorted(p.name for p in (save_dir / "step_000003").glob("*.safetensors")) == [
+        "pp00_tp00_shard00.safetensors", "pp00_tp00_shard01.safetensors"]
+    assert [m["step"] for m in run.metrics] == [4, 5, 6]
+    assert run.losses == full.losses[SAVE_AT:]  # identical floats
+
+
+def test_a_zero_3_checkpoint_resumes_at_stage_0_and_back_at_stage_3_in_another_layout(checkpoint_runs):
+    """dp 2 stage 3 -> one process, stage 0 (steps 4-6) -> dp 2 x tp 2, stage 3 (steps 5-6): every run trains
+    what the uninterrupted stage-3 run trained, within the parity contract."""
+    full = checkpoint_runs["zero3_dp2"][0]
+    stage0, back = checkpoint_runs["baseline_zero0"][0], checkpoint_runs["zero3_dp2_tp2"][0]
+    assert stage0.returncode == 0, stage0
+    assert back.returncode == 0, back
+    assert [m["step"] for m in stage0.metrics] == [4, 5, 6] and [m["step"] for m in back.metrics] == [5, 6]
+    assert abs(stage0.losses[0] - full.losses[SAVE_AT]) <= 1e-5
+    assert max_abs_diff(stage0.losses, full.losses[SAVE_AT:]) <= 1e-4, (stage0.losses, full.losses)
+    assert max_abs_diff(back.losses, full.losses[SAVE_AT + 1:]) <= 1e-4, (back.losses, full.losses)
+    assert back.losses[0] < full.losses[0] - 0.3  # trained weights, not a fresh start
+
+
+def test_export_of_a_zero_3_checkpoint_loads_in_transformers(checkpoint_runs, tmp_path):
+    full, save_dir = checkpoint_runs["zero3_dp2"]
+    assert full.returncode == 0, full
+    export_and_compare(save_dir, tmp_path / "hf")
