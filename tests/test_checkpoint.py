@@ -4,6 +4,7 @@ lost or mixed up with another, and no checkpointing in the steps before 10. Step
 each, resumed in the same layout (fp32 and bf16) bit for bit, in another layout and zero stage, a step-10
 checkpoint resumed by step 11, and the export of a ZeRO-2 checkpoint."""
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -17,8 +18,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from conftest import ROOT, import_step, max_abs_diff, run_env, step_dir, torchrun_command
 
@@ -376,6 +381,7 @@ def refusals(full_runs, tmp_path_factory):
     # The test process holds the lock as a running training would (the same function, the same file).
     checkpoint = import_step("step10", "checkpoint")
     lock = checkpoint.lock_save_dir(str(cases["dir_in_use"][0]))
+    checkpoint.sign_lock(lock)
 
     def launch(case):
         save_dir, args = cases[case]
@@ -536,5 +542,315 @@ def test_checkpoints_sort_by_step_number_and_a_cut_short_prune_leaves_none_claim
     checkpoint.prune(str(tmp_path), keep_last=2)
     assert [os.path.basename(c) for c in checkpoint.complete_checkpoints(str(tmp_path))] == \
         ["step_1000000", "step_1000001"]
-    assert not (tmp_path / "step_999999").exists() and (tmp_path / "step_000007").exists()
+    assert not (tmp_path / "step_999999").exists()
+    assert not (tmp_path / "step_000007").exists()  # an orphan of a cut-short save, older than the newest: no use
 
+
+
+@contextlib.contextmanager
+def one_rank_run(step):
+    """A tiny model after one optimizer step, in a process group of one (gloo) inside this process: yields
+    (the step's checkpoint module, save(save_dir, step_number), the run's settings), saving with the step's own
+    save_checkpoint. A second or so, where a torchrun launch costs ten."""
+    names = ("checkpoint", "process_group_manager", "model", *(("zero",) if step == "step11" else ()))
+    checkpoint, pgm, model_module, *zero = import_step(step, *names)
+    config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config.head_dim = 8
+    args = SimpleNamespace(seq_len=16, seed=1, micro_batch_size=1, gradient_accumulation_steps=1, dp_size=1,
+                           learning_rate=1e-3, dataset_name=str(ROOT / "assets" / "tiny_stories"),
+                           model_name=str(ROOT / "assets" / "tiny_llama"))
+    run = checkpoint.run_settings(args, config)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        pgm.setup_process_group_manager(1, 1, 1, 1)
+        torch.manual_seed(0)
+        model = model_module.Llama(config)
+        if zero:
+            model = zero[0].ZeroDataParallel(model, zero_stage=0)
+            optimizer = zero[0].ZeroAdamW(model, lr=1e-3)
+        else:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        input_ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+        model(input_ids=input_ids, position_ids=torch.arange(16)[None]).float().logsumexp(-1).mean().backward()
+        if zero:
+            model.finish_gradient_synchronization()
+        optimizer.step()
+        data_loader = SimpleNamespace(state_dict=lambda: {"epoch": 0, "sequences_consumed": 0})
+
+        def save(save_dir, number):
+            checkpoint.save_checkpoint(save_dir=str(save_dir), step=number, tokens=16 * number, model=model,
+                                       optimizer=optimizer, data_loader=data_loader, run=run, keep_last=2)
+
+        yield checkpoint, save, run
+    finally:
+        dist.destroy_process_group()
+
+
+def rewrite(path, change):
+    """Rewrite a checkpoint file after change(metadata, tensors) has edited them in place."""
+    with safe_open(path, framework="pt") as f:
+        metadata, tensors = json.loads(f.metadata()["json"]), {key: f.get_tensor(key) for key in f.keys()}
+    change(metadata, tensors)
+    path.unlink()
+    save_file(tensors, path, metadata={"json": json.dumps(metadata)})
+
+
+def flip_bytes(path):
+    """8 bytes changed inside the last tensor's data, as a bad disk or a stray write would: the header still reads."""
+    data = bytearray(path.read_bytes())
+    data[-40:-32] = bytes(255 - b for b in data[-40:-32])
+    path.write_bytes(bytes(data))
+
+
+def second_file(step, checkpoint, folder, metadata):
+    """Where a checkpoint of two files keeps its second, with the layout saying so (tp 2 in step 10's format,
+    two ZeRO shards in step 11's)."""
+    if step == "step10":
+        metadata["layout"]["tp_size"] = 2
+        return folder / os.path.basename(checkpoint.checkpoint_file(str(folder), 0, 1))
+    metadata["layout"]["shards"] = 2
+    return folder / os.path.basename(checkpoint.checkpoint_file(str(folder), 0, 0, 1))
+
+
+@pytest.mark.parametrize("step", ["step10", "step11"])
+def test_damaged_data_is_refused_naming_the_file_and_the_checkpoint(step, tmp_path, capsys):
+    """Issue 22, item 3: bytes changed inside a tensor, a shard of an older step or of another save, a metadata key
+    missing, non-finite values: each is one line naming the file, and --resume refuses before training, naming
+    the newest intact checkpoint, touching nothing."""
+    pristine = tmp_path / "pristine"
+    with one_rank_run(step) as (checkpoint, save, run):
+        save(pristine, 2)
+        save(pristine, 4)
+    (name,) = [p.name for p in (pristine / "step_000004").glob("*.safetensors")]
+    assert checkpoint.damage(str(pristine / "step_000004")) is None
+
+    def another_save(folder):
+        def split_in_two(metadata, tensors):
+            second = second_file(step, checkpoint, folder, metadata)
+            save_file(tensors, second, metadata={"json": json.dumps({**metadata, "save_id": "0123456789abcdef"})})
+        rewrite(folder / name, split_in_two)
+
+    def nan_saved_so(metadata, tensors):
+        key = next(key for key in tensors if key.startswith("model."))
+        tensors[key][0] = float("nan")
+        metadata["sha256"] = checkpoint.tensors_sha256(tensors)
+
+    cases = {  # how the newest checkpoint is damaged -> what damage() says
+        "flipped": (lambda folder: flip_bytes(folder / name), "its tensors do not match their checksum"),
+        "older_shard": (lambda folder: shutil.copy(pristine / "step_000002" / name, folder / name),
+                        "it holds step 2, not 4"),
+        "another_save": (another_save, "it is from another save of step 4"),
+        "missing_key": (lambda folder: rewrite(folder / name, lambda metadata, _: metadata.pop("tokens")),
+                        "its metadata lacks the key 'tokens'"),
+        "not_finite": (lambda folder: rewrite(folder / name, nan_saved_so), "holds non-finite values"),
+    }
+    for case, (harm, expected) in cases.items():
+        save_dir = tmp_path / case
+        shutil.copytree(pristine, save_dir)
+        harm(save_dir / "step_000004")
+        problem = checkpoint.damage(str(save_dir / "step_000004"))
+        assert problem and expected in problem and problem.split(":")[0].endswith(".safetensors"), (case, problem)
+        before = tree_digest(save_dir)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stop:
+            checkpoint.check_save_dir(str(save_dir), resume=True, run=run)
+        assert stop.value.code != 0
+        (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert f"the newest checkpoint {save_dir}/step_000004 is damaged ({problem})" in error, error
+        assert f"the newest intact one is {save_dir}/step_000002" in error, error
+        assert tree_digest(save_dir) == before
+
+
+@pytest.mark.parametrize("step", ["step10", "step11"])
+def test_resume_says_it_skips_a_cut_short_save_and_refuses_another_config_or_tokenizer(step, tmp_path, capsys):
+    """The newest folder without COMPLETE is named; a checkpoint from a model whose config (rms_norm_eps, say) or
+    tokenizer differs is refused naming them; a config that differs only in a name (`_name_or_path`) is not."""
+    with one_rank_run(step) as (checkpoint, save, run):
+        save(tmp_path, 2)
+    (tmp_path / "step_000003").mkdir()  # a save cut short
+    capsys.readouterr()
+    assert checkpoint.check_save_dir(str(tmp_path), resume=True, run=run) == str(tmp_path / "step_000002")
+    assert f"warning: --resume: {tmp_path}/step_000003 is skipped: it has no COMPLETE" in capsys.readouterr().err
+
+    renamed = {**run, "config": {**run["config"], "_name_or_path": "/mnt/other/tiny_llama"}}
+    assert checkpoint.check_save_dir(str(tmp_path), resume=True, run=renamed) == str(tmp_path / "step_000002")
+    changed = {**run, "tokenizer": "0" * 16, "config": {**run["config"], "rms_norm_eps": 1e-3}}
+    with pytest.raises(SystemExit):
+        checkpoint.check_save_dir(str(tmp_path), resume=True, run=changed)
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert "is from another run" in error and f"tokenizer {run['tokenizer']!r} vs '{'0' * 16}'" in error, error
+    assert f"config.rms_norm_eps {run['config']['rms_norm_eps']!r} vs 0.001" in error, error
+    assert "_name_or_path" not in error, error
+
+
+def test_a_step_10_checkpoint_from_before_checksums_loads_unverified_in_step_11(tmp_path, capsys):
+    with one_rank_run("step11") as (checkpoint, save, run):
+        save(tmp_path, 2)
+    folder = tmp_path / "step_000002"
+
+    def as_step_10_wrote_it(metadata, _):
+        for key in ("save_id", "sha256"):
+            metadata.pop(key)
+        metadata["layout"].pop("shards")
+        metadata["run"].pop("tokenizer")
+
+    rewrite(folder / "pp00_tp00_shard00.safetensors", as_step_10_wrote_it)
+    (folder / "pp00_tp00_shard00.safetensors").rename(folder / "pp00_tp00.safetensors")
+    capsys.readouterr()
+    assert checkpoint.check_save_dir(str(tmp_path), resume=True, run=run) == str(folder)
+    assert f"warning: --resume: {folder} is in step 10's format from before checksums: loaded unverified" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("step", ["step10", "step11"])
+def test_a_save_reaches_the_disk_before_complete_and_a_full_disk_removes_the_partial_save(
+        step, tmp_path, monkeypatch, capsys):
+    """fsync each file before its rename, then the folder; COMPLETE after, itself fsynced, then the folder again.
+    A write that fails for want of space is one line; the partial folder goes, the earlier checkpoint stays."""
+    with one_rank_run(step) as (checkpoint, save, run):
+        events = []
+        real_fsync, real_replace = checkpoint.fsync, os.replace
+        monkeypatch.setattr(checkpoint, "fsync", lambda path: (events.append(("fsync", os.path.basename(path))),
+                                                               real_fsync(path)))
+        monkeypatch.setattr(checkpoint.os, "replace", lambda src, dst: (
+            events.append(("rename", os.path.basename(src), os.path.basename(dst))), real_replace(src, dst)))
+        save(tmp_path, 2)
+        monkeypatch.undo()
+        (name,) = [p.name for p in (tmp_path / "step_000002").glob("*.safetensors")]
+        assert events[events.index(("fsync", name + ".tmp")):] == [
+            ("fsync", name + ".tmp"), ("rename", name + ".tmp", name), ("fsync", "step_000002"),  # the file
+            ("fsync", "step_000002"), ("rename", "COMPLETE.tmp", "COMPLETE"), ("fsync", "step_000002")], events
+
+        def disk_full(*args, **kwargs):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+        monkeypatch.setattr(checkpoint, "save_file", disk_full)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stop:
+            save(tmp_path, 4)
+    assert stop.value.code != 0
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert f"cannot save the checkpoint {tmp_path}/step_000004 (rank 0: " in error and "No space left" in error, error
+    assert "partial folder was removed" in error
+    assert not (tmp_path / "step_000004").exists()
+    assert checkpoint.damage(str(tmp_path / "step_000002")) is None
+
+
+@pytest.mark.parametrize("step", ["step10", "step11"])
+def test_save_dir_guards_lock_first_write_to_prove_writable_and_name_a_file(step, tmp_path, monkeypatch, capsys):
+    """The lock is taken before the checks (a run on a used directory another run holds is told it is in use);
+    writability is proven by writing (an existing lock file opens for appending in a read-only directory);
+    a --save_dir that is a file is said so; a filesystem without flock is a warning, not a traceback."""
+    train, checkpoint = import_step(step, "train", "checkpoint")
+    used = tmp_path / "used"
+    (used / "step_000002").mkdir(parents=True)
+    held = checkpoint.lock_save_dir(str(used))
+    monkeypatch.setattr(sys, "argv", ["train.py", "--save_dir", str(used)])
+    with pytest.raises(SystemExit):
+        train.main()  # a fresh run into a used directory that another run holds: the lock speaks first
+    held.close()
+    assert f"error: --save_dir {used} is in use by another run" in capsys.readouterr().err
+
+    real_open = open
+
+    def read_only_directory(path, mode="r", *args, **kwargs):  # existing files open, new ones cannot be created
+        if any(flag in mode for flag in "wax") and not os.path.exists(path):
+            raise PermissionError(30, "Read-only file system", path)
+        return real_open(path, mode, *args, **kwargs)
+
+    (tmp_path / "read_only" / checkpoint.LOCK).parent.mkdir()
+    (tmp_path / "read_only" / checkpoint.LOCK).write_text("pid 1\n")
+    monkeypatch.setattr(checkpoint, "open", read_only_directory, raising=False)
+    with pytest.raises(SystemExit):
+        checkpoint.lock_save_dir(str(tmp_path / "read_only"))
+    assert f"error: cannot write to --save_dir {tmp_path / 'read_only'}: [Errno 30] Read-only file system" in \
+        capsys.readouterr().err
+    monkeypatch.undo()
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for guard in (lambda: checkpoint.lock_save_dir(str(a_file)),
+                  lambda: checkpoint.check_save_dir(str(a_file), resume=False, run={})):
+        with pytest.raises(SystemExit):
+            guard()
+        assert f"error: --save_dir {a_file} is a file, not a directory" in capsys.readouterr().err
+
+    def no_flock(*args):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(checkpoint.fcntl, "flock", no_flock)
+    checkpoint.lock_save_dir(str(tmp_path / "nfs")).close()
+    (warning,) = capsys.readouterr().err.splitlines()
+    assert warning == f"warning: cannot lock --save_dir {tmp_path / 'nfs'} (Function not implemented): a second " \
+                      f"run on it would not be refused"
+
+
+@pytest.mark.parametrize("step", ["step10", "step11"])
+def test_a_save_dir_that_a_rank_cannot_see_is_refused_naming_the_rank(step, tmp_path, monkeypatch, capsys):
+    """Issue 22, item 2: a --save_dir path that names a local folder on each node. Here the one rank is made blind to
+    the token file that global rank 0 writes; a rank that sees it passes, and the token is gone afterwards."""
+    with one_rank_run(step) as (checkpoint, _, _):
+        checkpoint.check_every_rank_sees(str(tmp_path))
+        assert list(tmp_path.iterdir()) == []
+        real_open = open
+
+        def another_node(path, mode="r", *args, **kwargs):  # reads see that node's own, empty, directory
+            if mode == "r" and os.path.basename(path) == checkpoint.SEEN_BY_EVERY_RANK:
+                raise FileNotFoundError(2, "No such file or directory", path)
+            return real_open(path, mode, *args, **kwargs)
+
+        monkeypatch.setattr(checkpoint, "open", another_node, raising=False)
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            checkpoint.check_every_rank_sees(str(tmp_path))
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert f"--save_dir {tmp_path} is not one directory that every rank sees: rank(s) 0 cannot read" in error, error
+    assert list(tmp_path.iterdir()) == []
+
+
+def check_on_two_nodes(train, utils, monkeypatch, rank_0_flags, rank_1_flags):
+    """utils.check_same_settings as rank 0 runs it, when rank 1 (another node) was started with rank_1_flags: the
+    gather hands rank 0 the settings that rank 1 computed from its own command line."""
+    def settings_of(flags):
+        monkeypatch.setattr(sys, "argv", ["train.py", *map(str, flags)])
+        args = train.parse_args()
+        return args, utils.load_config(args)
+
+    def gather_alone(everyone, settings):
+        everyone[0] = settings
+
+    gathered = []
+    monkeypatch.setattr(utils.dist, "get_world_size", lambda: len(gathered) + 1)
+    monkeypatch.setattr(utils.dist, "all_gather_object", lambda everyone, settings: (
+        gathered.append(settings), everyone.__setitem__(slice(None), gathered[::-1])))
+    utils.check_same_settings(*settings_of(rank_1_flags))
+    utils.check_same_settings(*settings_of(rank_0_flags))
+
+
+@pytest.mark.parametrize("step", ["step10", "step11"])
+def test_ranks_compare_what_they_train_on_not_how_it_is_named(step, tmp_path, monkeypatch, capsys):
+    """Issue 22, item 1: the model and dataset directories reached by another path (a symlink: another mount point
+    on another node) and per-node output flags are the same run; another seed, or a tokenizer whose files differ,
+    is not, and is one line naming it."""
+    train, utils = import_step(step, "train", "utils")
+    model_link, data_link = tmp_path / "model_link", tmp_path / "data_link"
+    model_link.symlink_to(ROOT / "assets" / "tiny_llama")
+    data_link.symlink_to(ROOT / "assets" / "tiny_stories")
+    node_0 = ["--metrics_file", tmp_path / "node0.jsonl", "--run_name", "node0"]
+    node_1 = ["--model_name", model_link, "--dataset_name", data_link, "--metrics_file", tmp_path / "node1.jsonl",
+              "--run_name", "node1", "--num_workers", 2, "--omp_num_threads", 2, "--timeout_s", 60]
+    check_on_two_nodes(train, utils, monkeypatch, node_0, node_1)
+
+    other_tokenizer = tmp_path / "other_tokenizer"
+    shutil.copytree(ROOT / "assets" / "tiny_llama", other_tokenizer)
+    with open(other_tokenizer / "tokenizer_config.json", "a") as f:
+        f.write("\n")
+    for flags, expected in ((["--seed", 7], "--seed 42 on ranks [0], 7 on ranks [1]"),
+                            (["--model_name", other_tokenizer], "the tokenizer files of --model_name '")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            check_on_two_nodes(train, utils, monkeypatch, node_0, [*node_1, *flags])
+        (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert error.startswith("error: the ranks were started with different settings") and expected in error, error
+        assert "metrics_file" not in error and "dataset_name" not in error and "config._name_or_path" not in error
