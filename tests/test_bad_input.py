@@ -12,7 +12,7 @@ import transformers
 
 from conftest import ROOT, import_step
 
-STEPS = [f"step{n}" for n in range(1, 12)]
+STEPS = [f"step{n}" for n in range(1, 13)]
 
 CASES = {
     # name: (step, nproc, args, words the error line must contain)
@@ -62,6 +62,7 @@ PLAIN_CASES = {
     "not_llama": ("step10", ["--model_name", "{model}/gpt2"], ["{model}/gpt2", "'gpt2' model", "Llama"]),
     "save_every_without_save_dir": ("step10", ["--save_every", 5], ["--save_every needs --save_dir"]),
     "keep_last_without_save_dir": ("step11", ["--keep_last", 3], ["--keep_last needs --save_dir"]),
+    "zero_stage_4": ("step12", ["--zero_stage", 4], ["argument --zero_stage", "invalid choice: 4", "0, 1, 2, 3"]),
 }
 
 
@@ -133,7 +134,7 @@ BAD_NUMBERS = {"--omp_num_threads": "0", "--num_hidden_layers": "0", "--num_atte
                "--seq_len": "-1", "--micro_batch_size": "0", "--gradient_accumulation_steps": "0", "--max_tokens": "0",
                "--tp_size": "0", "--dp_size": "-1", "--pp_size": "0", "--cp_size": "0", "--bucket_size_mb": "-0.5",
                "--peak_tflops": "0", "--timeout_s": "inf", "--save_every": "-1", "--keep_last": "0",
-               "--zero_stage": "3"}
+               "--zero_stage": "4"}
 
 
 def parser_of(step, monkeypatch):
