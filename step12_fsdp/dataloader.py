@@ -1,11 +1,11 @@
 """Tokenize a text dataset into fixed-length chunks and serve micro-batches to each data-parallel rank.
 
-Every optimizer step consumes one global batch of micro_batch_size x grad_acc_steps x dp_size
-chunks. The DistributedSampler deals each rank its own share of one shuffled order, so the union
-of the ranks' micro-batches is the same global batch in every layout until the first epoch ends. An
-epoch drops the last N mod (micro_batch_size x dp_size) of the N chunks: from then on two layouts see
-the same batches only where that remainder is the same. The ranks of a cp group draw the same
-sequences and each keeps its share of their tokens.
+Every optimizer step consumes one global batch of micro_batch_size x grad_acc_steps x dp_size chunks. An
+epoch is one shuffled order of the N chunks cut into N // global_batch_size global batches (the last N mod
+global_batch_size chunks wait for another epoch's order), and GlobalBatchSampler deals each dp rank its share
+of every global batch. So the global batches, across epochs too, are the same in every layout with the same
+global batch size, however it is split into micro-batches, accumulation steps and dp ranks. The ranks of a cp
+group draw the same sequences and each keeps its share of their tokens.
 """
 import hashlib
 import os
@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.compute
 import torch
 from filelock import FileLock
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 import process_group_manager as pgm
 from context_parallel import split_batch_for_context_parallel
@@ -72,6 +72,33 @@ def group_into_chunks(token_lists, seq_len):
     return [stream[i * seq_len: i * seq_len + seq_len + 1] for i in range(num_chunks)]
 
 
+class GlobalBatchSampler:
+    """The micro-batches (lists of chunk indices) of one dp rank, epoch after epoch, without end. Epoch e shuffles
+    the N chunks with seed + e and cuts the order into N // G global batches of G = micro_batch_size x
+    grad_acc_steps x dp_size chunks; the last N mod G wait for another epoch's order. Micro-batch m of global
+    batch b gives dp rank r the positions b G + (m x micro_batch_size + i) x dp_size + r of the order
+    (i < micro_batch_size): the ranks' micro-batches together are the global batch, whatever the split."""
+
+    def __init__(self, num_chunks, micro_batch_size, grad_acc_steps, dp_size, dp_rank, seed):
+        self.num_chunks, self.seed = num_chunks, seed
+        self.micro_batch_size, self.grad_acc_steps = micro_batch_size, grad_acc_steps
+        self.dp_size, self.dp_rank = dp_size, dp_rank
+        self.global_batch_size = micro_batch_size * grad_acc_steps * dp_size
+        self.global_batches_per_epoch = num_chunks // self.global_batch_size
+        self.start = (0, 0)  # the (epoch, global batch) an iteration begins at
+
+    def __iter__(self):
+        epoch, first_batch = self.start
+        while True:
+            order = torch.randperm(self.num_chunks, generator=torch.Generator().manual_seed(self.seed + epoch))
+            for batch in range(first_batch, self.global_batches_per_epoch):
+                global_batch = order[batch * self.global_batch_size:(batch + 1) * self.global_batch_size]
+                for micro_batch in range(self.grad_acc_steps):
+                    start = micro_batch * self.micro_batch_size * self.dp_size + self.dp_rank
+                    yield global_batch[start:start + self.micro_batch_size * self.dp_size:self.dp_size].tolist()
+            epoch, first_batch = epoch + 1, 0
+
+
 class MicroBatchDataLoader(DataLoader):
     def __init__(self, micro_batch_size, seq_len, dataset_name, tokenizer_name, grad_acc_steps,
                  num_workers=0, num_proc=1, seed=42, split="train"):
@@ -87,15 +114,15 @@ class MicroBatchDataLoader(DataLoader):
                  f"tokens, fewer than one global batch (micro_batch_size {micro_batch_size} x "
                  f"gradient_accumulation_steps {grad_acc_steps} x dp_size {dp_size} = {self.global_batch_size})")
 
-        # Data parallel: dp rank r takes chunks r, r + dp_size, r + 2 dp_size, ... of the one shuffled order,
-        # so the dp ranks' micro-batches together are the global batch. drop_last keeps every rank's epoch
-        # the same length, so no rank waits on a missing batch.
-        self.sampler = DistributedSampler(self.tokenized_dataset, num_replicas=dp_size, rank=dp_rank,
-                                          shuffle=True, seed=seed, drop_last=True)
-        super().__init__(self.tokenized_dataset, batch_size=micro_batch_size, sampler=self.sampler,
-                         collate_fn=self.collate_batch, num_workers=num_workers, drop_last=True)
+        # Data parallel: within every global batch dp rank r takes the chunks r, r + dp_size, r + 2 dp_size, ...,
+        # so the dp ranks' micro-batches together are the global batch, and every rank's epoch has the same length.
+        sampler = GlobalBatchSampler(len(self.tokenized_dataset), micro_batch_size, grad_acc_steps,
+                                     dp_size=dp_size, dp_rank=dp_rank, seed=seed)
+        super().__init__(self.tokenized_dataset, batch_sampler=sampler, collate_fn=self.collate_batch,
+                         num_workers=num_workers)
         self.epoch = 0
         self.micro_batches_in_epoch = 0  # with the epoch, the data position a checkpoint saves
+        self.micro_batches_per_epoch = sampler.global_batches_per_epoch * grad_acc_steps
         self._iterator = super().__iter__()
 
     def tokenize_dataset(self, dataset, seq_len, num_proc):
@@ -133,44 +160,35 @@ class MicroBatchDataLoader(DataLoader):
         }
 
     def __iter__(self):
-        return self  # an endless stream of micro-batches; __next__ starts each epoch's DataLoader iterator
+        return self  # an endless stream of micro-batches: the sampler never ends
 
     def __next__(self):
-        try:
-            batch = next(self._iterator)
-        except StopIteration:
-            # Out of data: reshuffle and go round again rather than ending the run.
+        if self.micro_batches_in_epoch == self.micro_batches_per_epoch:
+            # Out of data: the sampler goes round again in a new order rather than ending the run.
             self.epoch += 1
             self.micro_batches_in_epoch = 0
-            self.sampler.set_epoch(self.epoch)
             if pgm.process_group_manager.global_rank == 0:
                 print(f"Dataloader: end of data, starting epoch {self.epoch}", flush=True)
-            self._iterator = super().__iter__()
-            batch = next(self._iterator)
         self.micro_batches_in_epoch += 1
         # Split here, in the training process: collate_batch may run in DataLoader worker processes
         # (--num_workers), and a spawned worker has no process grid.
-        return split_batch_for_context_parallel(batch)  # [batch, seq / cp] each
+        return split_batch_for_context_parallel(next(self._iterator))  # [batch, seq / cp] each
 
     def state_dict(self):
-        """The data position in global terms, so that it carries over to another layout. The sampler deals dp rank r
-        the positions r, r + dp, r + 2 dp, ... of the epoch's shuffled order, so after n micro-batches on every
-        rank the dp ranks together have consumed exactly the first n x micro_batch_size x dp_size sequences."""
-        sequences_per_micro_batch = self.global_batch_size // self.grad_acc_steps  # over all dp ranks
-        return {"epoch": self.epoch, "sequences_in_epoch": self.micro_batches_in_epoch * sequences_per_micro_batch}
+        """The data position in global terms, so that it carries over to another layout: the epoch and the
+        sequences of it consumed, whole global batches (a checkpoint is taken between optimizer steps)."""
+        return {"epoch": self.epoch,
+                "sequences_in_epoch": self.micro_batches_in_epoch // self.grad_acc_steps * self.global_batch_size}
 
     def load_state_dict(self, state):
-        """Continue where a checkpointed run stopped, in any split of the same global batch: the same epoch order,
-        the same next sequence."""
-        sequences_per_micro_batch = self.global_batch_size // self.grad_acc_steps
-        micro_batches, leftover = divmod(state["sequences_in_epoch"], sequences_per_micro_batch)
-        if leftover:  # only when an epoch ended inside an optimizer step
+        """Continue where a checkpointed run stopped, in any split of the same global batch: the sampler starts
+        at the saved epoch and global batch directly, nothing is replayed."""
+        global_batches, leftover = divmod(state["sequences_in_epoch"], self.global_batch_size)
+        if leftover:  # a checkpoint of this code always stops between global batches
             fail(f"the checkpoint stopped {state['sequences_in_epoch']} sequences into epoch {state['epoch']}, not a "
-                 f"whole number of micro-batches of micro_batch_size x dp_size = {sequences_per_micro_batch} "
-                 f"sequences: resume with the micro-batch size and dp size it was saved with")
+                 f"whole number of global batches of {self.global_batch_size} sequences: it was saved after an epoch "
+                 f"ended inside an optimizer step, which only earlier versions of this loader did")
         self.epoch = state["epoch"]
-        self.sampler.set_epoch(self.epoch)
+        self.micro_batches_in_epoch = global_batches * self.grad_acc_steps
+        self.batch_sampler.start = (self.epoch, global_batches)
         self._iterator = super().__iter__()
-        for _ in range(micro_batches):
-            next(self._iterator)
-        self.micro_batches_in_epoch = micro_batches

@@ -1,7 +1,8 @@
 """Tokenize a text dataset into fixed-length chunks and serve them as micro-batches.
 
-Every optimizer step consumes one global batch of micro_batch_size x grad_acc_steps chunks, drawn
-in one shuffled order that is reshuffled every epoch.
+Every optimizer step consumes one global batch of micro_batch_size x grad_acc_steps chunks. An epoch is one
+shuffled order of the N chunks cut into N // global_batch_size global batches (the last N mod global_batch_size
+chunks wait for another epoch's order), reshuffled every epoch.
 """
 import hashlib
 import os
@@ -10,7 +11,7 @@ import numpy as np
 import pyarrow.compute
 import torch
 from filelock import FileLock
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 import process_group_manager as pgm
 from utils import ASSETS, fail
@@ -67,6 +68,33 @@ def group_into_chunks(token_lists, seq_len):
     return [stream[i * seq_len: i * seq_len + seq_len + 1] for i in range(num_chunks)]
 
 
+class GlobalBatchSampler:
+    """The micro-batches (lists of chunk indices) of one dp rank, epoch after epoch, without end. Epoch e shuffles
+    the N chunks with seed + e and cuts the order into N // G global batches of G = micro_batch_size x
+    grad_acc_steps x dp_size chunks; the last N mod G wait for another epoch's order. Micro-batch m of global
+    batch b gives dp rank r the positions b G + (m x micro_batch_size + i) x dp_size + r of the order
+    (i < micro_batch_size): the ranks' micro-batches together are the global batch, whatever the split."""
+
+    def __init__(self, num_chunks, micro_batch_size, grad_acc_steps, dp_size, dp_rank, seed):
+        self.num_chunks, self.seed = num_chunks, seed
+        self.micro_batch_size, self.grad_acc_steps = micro_batch_size, grad_acc_steps
+        self.dp_size, self.dp_rank = dp_size, dp_rank
+        self.global_batch_size = micro_batch_size * grad_acc_steps * dp_size
+        self.global_batches_per_epoch = num_chunks // self.global_batch_size
+        self.start = (0, 0)  # the (epoch, global batch) an iteration begins at
+
+    def __iter__(self):
+        epoch, first_batch = self.start
+        while True:
+            order = torch.randperm(self.num_chunks, generator=torch.Generator().manual_seed(self.seed + epoch))
+            for batch in range(first_batch, self.global_batches_per_epoch):
+                global_batch = order[batch * self.global_batch_size:(batch + 1) * self.global_batch_size]
+                for micro_batch in range(self.grad_acc_steps):
+                    start = micro_batch * self.micro_batch_size * self.dp_size + self.dp_rank
+                    yield global_batch[start:start + self.micro_batch_size * self.dp_size:self.dp_size].tolist()
+            epoch, first_batch = epoch + 1, 0
+
+
 class MicroBatchDataLoader(DataLoader):
     def __init__(self, micro_batch_size, seq_len, dataset_name, tokenizer_name, grad_acc_steps,
                  num_workers=0, num_proc=1, seed=42, split="train"):
@@ -81,13 +109,15 @@ class MicroBatchDataLoader(DataLoader):
                  f"tokens, fewer than one global batch (micro_batch_size {micro_batch_size} x "
                  f"gradient_accumulation_steps {grad_acc_steps} = {self.global_batch_size})")
 
-        # One shuffled order from the seed (DistributedSampler with a single replica; data parallelism,
-        # step 5, will deal it out to several), reshuffled every epoch by set_epoch.
-        self.sampler = DistributedSampler(self.tokenized_dataset, num_replicas=1, rank=0,
-                                          shuffle=True, seed=seed, drop_last=True)
-        super().__init__(self.tokenized_dataset, batch_size=micro_batch_size, sampler=self.sampler,
-                         collate_fn=self.collate_batch, num_workers=num_workers, drop_last=True)
+        # One shuffled order per epoch from the seed, cut into global batches (one dp rank here; data
+        # parallelism, step 5, deals each global batch out to several).
+        sampler = GlobalBatchSampler(len(self.tokenized_dataset), micro_batch_size, grad_acc_steps,
+                                     dp_size=1, dp_rank=0, seed=seed)
+        super().__init__(self.tokenized_dataset, batch_sampler=sampler, collate_fn=self.collate_batch,
+                         num_workers=num_workers)
         self.epoch = 0
+        self.micro_batches_in_epoch = 0
+        self.micro_batches_per_epoch = sampler.global_batches_per_epoch * grad_acc_steps
         self._iterator = super().__iter__()
 
     def tokenize_dataset(self, dataset, seq_len, num_proc):
@@ -125,16 +155,14 @@ class MicroBatchDataLoader(DataLoader):
         }
 
     def __iter__(self):
-        return self  # an endless stream of micro-batches; __next__ starts each epoch's DataLoader iterator
+        return self  # an endless stream of micro-batches: the sampler never ends
 
     def __next__(self):
-        try:
-            return next(self._iterator)
-        except StopIteration:
-            # Out of data: reshuffle and go round again rather than ending the run.
+        if self.micro_batches_in_epoch == self.micro_batches_per_epoch:
+            # Out of data: the sampler goes round again in a new order rather than ending the run.
             self.epoch += 1
-            self.sampler.set_epoch(self.epoch)
+            self.micro_batches_in_epoch = 0
             if pgm.process_group_manager.global_rank == 0:
                 print(f"Dataloader: end of data, starting epoch {self.epoch}", flush=True)
-            self._iterator = super().__iter__()
-            return next(self._iterator)
+        self.micro_batches_in_epoch += 1
+        return next(self._iterator)

@@ -1,4 +1,5 @@
-"""The dataloader: chunk shapes, shifted targets, data-parallel shares of the global batch, epochs."""
+"""The dataloader: chunk shapes, shifted targets, data-parallel shares of the global batch, epochs, the same
+global batches in every split of it across epochs, and a resume that starts at its position directly."""
 import gzip
 import json
 from types import SimpleNamespace
@@ -12,9 +13,9 @@ from conftest import ROOT, import_step
 TOKENIZER = str(ROOT / "assets" / "tiny_llama")
 
 
-def make_loader(monkeypatch, dp_size, dp_rank, dataset, micro_batch_size, grad_acc_steps, seq_len=16):
-    pgm, dataloader = import_step("step5", "process_group_manager", "dataloader")
-    grid = SimpleNamespace(dp_world_size=dp_size, dp_rank=dp_rank, global_rank=dp_rank)
+def make_loader(monkeypatch, dp_size, dp_rank, dataset, micro_batch_size, grad_acc_steps, seq_len=16, step="step5"):
+    pgm, dataloader = import_step(step, "process_group_manager", "dataloader")
+    grid = SimpleNamespace(dp_world_size=dp_size, dp_rank=dp_rank, global_rank=dp_rank, cp_world_size=1, cp_rank=0)
     monkeypatch.setattr(pgm, "process_group_manager", grid)
     return dataloader.MicroBatchDataLoader(micro_batch_size, seq_len, str(dataset), TOKENIZER, grad_acc_steps, seed=7)
 
@@ -98,3 +99,56 @@ def test_dataset_smaller_than_a_global_batch_is_refused(monkeypatch, small_datas
     assert exit_info.value.code == 1
     error = capsys.readouterr().err
     assert "fewer than one global batch" in error and "= 512" in error
+
+
+# (dp_size, micro_batch_size, grad_acc_steps): four splits of one global batch of 8 sequences
+SPLITS = [(1, 4, 2), (2, 2, 2), (4, 2, 1), (4, 1, 2)]
+
+
+def step_batches(loaders, num_steps):
+    """For each optimizer step, the sorted chunks of the global batch: every rank's grad_acc micro-batches."""
+    steps = []
+    for _ in range(num_steps):
+        chunks = [row for loader in loaders for _ in range(loader.grad_acc_steps) for row in rows(next(loader)["input_ids"])]
+        steps.append(sorted(chunks))
+    return steps
+
+
+def split_loaders(monkeypatch, dataset, split):
+    dp_size, micro_batch_size, grad_acc = split
+    return [make_loader(monkeypatch, dp_size, rank, dataset, micro_batch_size, grad_acc, step="step12")
+            for rank in range(dp_size)]
+
+
+def test_every_split_of_the_global_batch_trains_on_the_same_sequences_across_epochs(monkeypatch, small_dataset):
+    """dp 1, 2 and 4, micro-batches of 1 to 4, accumulation 1 or 2: the same 8 sequences at every step, through
+    three epoch boundaries (before, an epoch dropped the last N mod (micro_batch_size x dp) chunks, so the
+    second epoch differed between splits)."""
+    per_epoch = None
+    seen = {}
+    for split in SPLITS:
+        loaders = split_loaders(monkeypatch, small_dataset, split)
+        per_epoch = loaders[0].batch_sampler.global_batches_per_epoch
+        assert 3 <= per_epoch <= 20 and len(loaders[0].tokenized_dataset) % 8 != 0  # a remainder to drop
+        seen[split] = step_batches(loaders, 3 * per_epoch + 2)
+        assert loaders[0].epoch == 3
+    for split in SPLITS[1:]:
+        assert seen[split] == seen[SPLITS[0]], split
+    first = seen[SPLITS[0]]
+    assert first[:per_epoch] != first[per_epoch:2 * per_epoch]  # reshuffled every epoch
+
+
+def test_a_resume_that_reshards_just_before_an_epoch_boundary_continues_the_same_sequences(monkeypatch, small_dataset):
+    """dp 2 stops one step before its epoch ends; dp 4, from that state, takes the next global batches (the last
+    of the epoch, then the next epoch's) that dp 2 takes, and starts there directly: nothing is replayed."""
+    source = split_loaders(monkeypatch, small_dataset, (2, 2, 2))
+    per_epoch = source[0].batch_sampler.global_batches_per_epoch
+    step_batches(source, per_epoch - 1)
+    state = source[0].state_dict()
+    assert state == {"epoch": 0, "sequences_in_epoch": (per_epoch - 1) * 8}
+    target = split_loaders(monkeypatch, small_dataset, (4, 1, 2))
+    for loader in target:
+        loader.load_state_dict(state)
+        assert loader._iterator._num_yielded == 0  # positioned by the sampler, not by drawing batches
+    assert step_batches(target, 3) == step_batches(source, 3)
+    assert target[0].epoch == source[0].epoch == 1
