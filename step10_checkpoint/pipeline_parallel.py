@@ -204,7 +204,7 @@ def set_grad_sync(model, enabled):
 def forward_and_send(model, data_loader, held, losses, tensor_shapes, device, dtype):
     """Receive this stage's input, run one micro-batch forward, send the output on and hold it for backward."""
     input_tensor = recv_forward(tensor_shapes, device, dtype)
-    output_tensor = forward_step(model, data_loader, input_tensor, device, losses)
+    output_tensor = forward_step(model, data_loader, input_tensor=input_tensor, device=device, losses=losses)
     send_forward(output_tensor)
     held.push(input_tensor, output_tensor)
 
@@ -225,9 +225,11 @@ def train_step_pipeline_afab(model, data_loader, tensor_shapes, device, dtype):
     held, losses = HeldActivations(), []
 
     for _ in range(grad_acc_steps):
-        forward_and_send(model, data_loader, held, losses, tensor_shapes, device, dtype)
+        forward_and_send(model, data_loader, held=held, losses=losses, tensor_shapes=tensor_shapes, device=device,
+                         dtype=dtype)
     for micro_batch in range(grad_acc_steps):
-        backward_and_send(model, held, micro_batch == grad_acc_steps - 1, tensor_shapes, device, dtype)
+        backward_and_send(model, held, is_last_backward=micro_batch == grad_acc_steps - 1, tensor_shapes=tensor_shapes,
+                          device=device, dtype=dtype)
 
     log(f"afab: held at most {held.peak} micro-batches of activations (grad_acc_steps {grad_acc_steps})")
     return sum(losses, 0.0)
@@ -245,15 +247,16 @@ def train_step_pipeline_1f1b(model, data_loader, tensor_shapes, device, dtype):
 
     # Warm-up: forwards only, filling the pipeline.
     for _ in range(num_warmup):
-        forward_and_send(model, data_loader, held, losses, tensor_shapes, device, dtype)
+        forward_and_send(model, data_loader, held=held, losses=losses, tensor_shapes=tensor_shapes, device=device,
+                         dtype=dtype)
 
     # Steady state: one forward, then the backward of the oldest micro-batch held.
     if num_steady > 0:
         input_tensor = recv_forward(tensor_shapes, device, dtype)
     for micro_batch in range(num_steady):
         is_last_steady = micro_batch == num_steady - 1
-        output_tensor = forward_step(model, data_loader, input_tensor, device, losses)
-        output_grad = send_forward_recv_backward(output_tensor, tensor_shapes, device, dtype)
+        output_tensor = forward_step(model, data_loader, input_tensor=input_tensor, device=device, losses=losses)
+        output_grad = send_forward_recv_backward(output_tensor, shape=tensor_shapes, device=device, dtype=dtype)
         held.push(input_tensor, output_tensor)  # num_warmup + 1 = pp_size - pp_rank held here at most
         # With no warm-up (the last stage) the last steady backward is the step's last backward.
         set_grad_sync(model, num_warmup == 0 and is_last_steady)
@@ -261,11 +264,12 @@ def train_step_pipeline_1f1b(model, data_loader, tensor_shapes, device, dtype):
         if is_last_steady:
             send_backward(input_grad)
         else:
-            input_tensor = send_backward_recv_forward(input_grad, tensor_shapes, device, dtype)
+            input_tensor = send_backward_recv_forward(input_grad, shape=tensor_shapes, device=device, dtype=dtype)
 
     # Cool-down: the backwards of the micro-batches still held, draining the pipeline.
     for micro_batch in range(num_warmup):
-        backward_and_send(model, held, micro_batch == num_warmup - 1, tensor_shapes, device, dtype)
+        backward_and_send(model, held, is_last_backward=micro_batch == num_warmup - 1, tensor_shapes=tensor_shapes,
+                          device=device, dtype=dtype)
 
     log(f"1f1b: held at most {held.peak} micro-batches of activations (grad_acc_steps {grad_acc_steps})")
     return sum(losses, 0.0)

@@ -186,7 +186,7 @@ def set_grad_sync(model, enabled):
 def forward_and_send(model, data_loader, held, losses, tensor_shapes, device, dtype):
     """Receive this stage's input, run one micro-batch forward, send the output on and hold it for backward."""
     input_tensor = recv_forward(tensor_shapes, device, dtype)
-    output_tensor = forward_step(model, data_loader, input_tensor, device, losses)
+    output_tensor = forward_step(model, data_loader, input_tensor=input_tensor, device=device, losses=losses)
     send_forward(output_tensor)
     held.push(input_tensor, output_tensor)
 
@@ -207,9 +207,11 @@ def train_step_pipeline_afab(model, data_loader, tensor_shapes, device, dtype):
     held, losses = HeldActivations(), []
 
     for _ in range(grad_acc_steps):
-        forward_and_send(model, data_loader, held, losses, tensor_shapes, device, dtype)
+        forward_and_send(model, data_loader, held=held, losses=losses, tensor_shapes=tensor_shapes, device=device,
+                         dtype=dtype)
     for micro_batch in range(grad_acc_steps):
-        backward_and_send(model, held, micro_batch == grad_acc_steps - 1, tensor_shapes, device, dtype)
+        backward_and_send(model, held, is_last_backward=micro_batch == grad_acc_steps - 1, tensor_shapes=tensor_shapes,
+                          device=device, dtype=dtype)
 
     log(f"afab: held at most {held.peak} micro-batches of activations (grad_acc_steps {grad_acc_steps})")
     return sum(losses, 0.0)

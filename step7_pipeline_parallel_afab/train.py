@@ -142,7 +142,7 @@ def main():
         step_start = time.time()
         model.zero_grad()  # the data-parallel wrapper's also empties its gradient buckets
         if grid.pp_world_size > 1:
-            loss = train_step_pipeline_afab(model, data_loader, tensor_shapes, device, dtype)
+            loss = train_step_pipeline_afab(model, data_loader, tensor_shapes=tensor_shapes, device=device, dtype=dtype)
         else:
             loss = train_step(model, data_loader, device)
         if grid.dp_world_size > 1:

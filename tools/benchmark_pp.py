@@ -64,7 +64,8 @@ def worker(rank, pp_size, engine, port, args, result_dir):
             dist.barrier()  # every stage starts the step together, so the last stage's time is the step's
             start = time.perf_counter()
             optimizer.zero_grad()
-            ENGINES[engine](model, batches, tensor_shapes, torch.device("cpu"), torch.float32)
+            ENGINES[engine](model, batches, tensor_shapes=tensor_shapes, device=torch.device("cpu"),
+                            dtype=torch.float32)
             optimizer.step()
             durations.append(time.perf_counter() - start)
     result = {"stage": pgm.process_group_manager.pp_rank, "layers": [model.start_layer, model.end_layer],
