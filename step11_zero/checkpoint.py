@@ -31,6 +31,8 @@ files from before checksums load unverified). Nothing after initialisation draws
 dropout; the data order depends on the seed and the epoch only), so a resume is exact without saving any
 RNG state.
 """
+import atexit
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -243,11 +245,15 @@ def lock_save_dir(save_dir):
     writes, syncs and removes a file: the proof that save_dir is writable (opening the existing lock file
     proves nothing: it opens in a read-only directory)."""
     save_dir_is_a_file(save_dir)
+    lock_path = os.path.join(save_dir, LOCK)
+    created = [path for path in (save_dir, lock_path) if not os.path.exists(path)]
     try:
         os.makedirs(save_dir, exist_ok=True)
-        lock = open(os.path.join(save_dir, LOCK), "a+")
+        lock = open(lock_path, "a+")
     except OSError as error:
         fail(f"cannot write to --save_dir {save_dir}: {error}")
+    # Until sign_lock claims the directory, what the lock created goes again at exit: a refused run leaves nothing.
+    atexit.register(remove_unclaimed, created)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -295,8 +301,19 @@ def check_every_rank_sees(save_dir):
              f"filesystem that every node shares")
 
 
+def remove_unclaimed(created):
+    """What lock_save_dir created (the lock file, then the folder), where no run claimed it."""
+    for path in reversed(created):
+        with contextlib.suppress(OSError):
+            if os.path.isdir(path):
+                os.rmdir(path)  # only if empty
+            else:
+                os.remove(path)
+
+
 def sign_lock(lock):
     """Write this run's pid into the lock, once the checks passed (a refused run leaves the file as it was)."""
+    atexit.unregister(remove_unclaimed)
     lock.truncate(0)
     lock.write(f"pid {os.getpid()}\n")
     lock.flush()

@@ -181,7 +181,7 @@ def main():
         model.zero_grad()  # the data-parallel wrapper's also empties its gradient buckets
         if grid.pp_world_size > 1:
             pipeline_step = train_step_pipeline_1f1b if args.pp_engine == "1f1b" else train_step_pipeline_afab
-            loss = pipeline_step(model, data_loader, tensor_shapes, device, dtype)
+            loss = pipeline_step(model, data_loader, tensor_shapes=tensor_shapes, device=device, dtype=dtype)
         else:
             loss = train_step(model, data_loader, device)
         model.finish_gradient_synchronization()  # waits for the buckets' reductions

@@ -22,12 +22,13 @@ DEFAULT_MODEL = os.path.join(ASSETS, "tiny_llama")
 
 def fail(message, every_rank=False):
     """Stop this rank with one clear line. Most checks run on every rank and reach the same verdict:
-    then only rank 0 prints, and the others wait a moment so that its line is the one torchrun shows.
-    A problem only some ranks see (every_rank=True) is printed by each of them."""
+    then only the first rank of each node prints (global rank 0; in a job of several torchrun agents, each
+    shows its own node's output, so every node says why), and the others wait a moment so that its line is
+    the one torchrun shows. A problem only some ranks see (every_rank=True) is printed by each of them."""
     rank = int(os.environ.get("RANK", "0"))
     if every_rank:
         print(f"error: [rank {rank}] {message}", file=sys.stderr, flush=True)
-    elif rank == 0:
+    elif int(os.environ.get("LOCAL_RANK", "0")) == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
     else:
         time.sleep(2)

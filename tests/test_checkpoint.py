@@ -854,3 +854,18 @@ def test_ranks_compare_what_they_train_on_not_how_it_is_named(step, tmp_path, mo
         (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
         assert error.startswith("error: the ranks were started with different settings") and expected in error, error
         assert "metrics_file" not in error and "dataset_name" not in error and "config._name_or_path" not in error
+
+
+@pytest.mark.parametrize("step", ["step1", "step11"])
+def test_a_refusal_is_said_on_every_node(step, monkeypatch, capsys):
+    """Issue 22, item 1: in a job of two torchrun agents, the first rank of the second node prints the line too (its
+    agent shows only its own node's output); the other ranks of a node stay silent."""
+    utils = import_step(step, "utils")
+    monkeypatch.setattr(utils.time, "sleep", lambda seconds: None)
+    for rank, local_rank, says in ((4, 0, True), (5, 1, False)):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+        with pytest.raises(SystemExit):
+            utils.fail("--seed 1 on ranks [0, 1, 2, 3], 2 on ranks [4, 5, 6, 7]")
+        assert capsys.readouterr().err == ("error: --seed 1 on ranks [0, 1, 2, 3], 2 on ranks [4, 5, 6, 7]\n" if says
+                                           else "")

@@ -2,7 +2,7 @@
 trains exactly as one agent does.
 
     non-finite loss      an absurd learning rate under pipeline parallelism: every stage stops at that step
-    different settings   two agents, one given another --seed: stopped at start-up, the setting named
+    different settings   two agents, one given another --seed: stopped at start-up, the setting named on each
     stalled rank         SIGSTOP one rank: the others' collective times out after --timeout_s
     two agents           --nnodes 2 --nproc_per_node 2 == --nproc_per_node 4, loss for loss
 """
@@ -132,8 +132,11 @@ def test_a_non_finite_loss_stops_every_stage_at_that_step(runs):
 def test_ranks_started_with_different_settings_stop_naming_them(runs):
     agents = runs["different_seed"]
     assert all(agent.returncode != 0 for agent in agents), agents
-    (line,) = error_lines(*agents)  # one line for the whole job
+    first, second = (error_lines(agent) for agent in agents)  # one line on each machine: each agent shows its own
+    assert len(first) == 1 and first == second, (first, second)
+    (line,) = first
     assert "different settings" in line and "--seed" in line, line
+    assert not any("DistNetworkError" in agent.stderr for agent in agents), agents  # no C++ stack from an agent
     assert re.search(r"42 on ranks \[\d, \d\]", line) and re.search(r"7 on ranks \[\d, \d\]", line), line
     assert "--learning_rate" not in line  # only what differs
     assert not any("Step: 1" in agent.stdout for agent in agents)
