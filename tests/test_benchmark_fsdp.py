@@ -1,5 +1,5 @@
-"""tools/benchmark_fsdp.py at a toy size (2 layers of hidden 64, dp 2): our ZeRO-3 and PyTorch's FSDP2 take the
-same steps from the same weights, and the tool reports what the issue asks for."""
+"""Step 12's tools at a toy size (2 layers of hidden 64, dp 2): tools/benchmark_fsdp.py, where our ZeRO-3 and
+PyTorch's FSDP2 take the same steps from the same weights, and tools/fsdp_timeline.py."""
 import json
 import subprocess
 import sys
@@ -22,3 +22,20 @@ def test_ours_and_fsdp2_take_the_same_steps(tmp_path):
     assert result["ours_losses"][0] > 5  # ln(512) = 6.2 at random weights: a real loss
     assert result["max_abs_dloss"] <= LOSS_TOLERANCE, (result["ours_losses"], result["torch_losses"])
     assert result["max_abs_dloss"] == max(abs(a - b) for a, b in zip(result["ours_losses"], result["torch_losses"]))
+
+
+def test_the_timeline_tool_sees_every_unit_gathered_twice_and_at_most_two_in_memory(tmp_path):
+    """tools/fsdp_timeline.py at toy size (2 layers: 4 units): each unit is gathered, waited for and freed once in
+    forward and once in backward, and at most two units hold their full buffer at any moment."""
+    out = tmp_path / "timeline.png"
+    command = [sys.executable, str(ROOT / "tools" / "fsdp_timeline.py"), "--hidden_size", "64", "--intermediate_size",
+               "128", "--num_hidden_layers", "2", "--vocab_size", "512", "--seq_len", "32", "--out", str(out), "--json"]
+    proc = subprocess.run(command, cwd=ROOT, env=run_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["units"] == ["embedding", "layer 0", "layer 1", "norm + LM head"]
+    for unit in range(4):
+        kinds = [what for index, what, _ in sorted(result["events"], key=lambda e: e[2]) if index == unit]
+        assert kinds == ["gather", "whole", "free"] * 2, (unit, kinds)
+    assert result["most_units_in_memory"] == 2
+    assert out.stat().st_size > 10_000

@@ -1,0 +1,177 @@
+"""When each unit of step 12's ZeRO-3 is whole, measured: one training step at dp 2 on the CPU (gloo), with
+every gather, wait and free of every unit timestamped, drawn as one row per unit.
+
+    python tools/fsdp_timeline.py                                   # draws assets/fsdp_timeline.png
+    python tools/fsdp_timeline.py --num_hidden_layers 2 --out /tmp/t.png --json
+
+Each row is a unit (the embedding, the decoder layers, the final norm with the LM head). A light bar runs from
+the start of the unit's all-gather to the end of the wait for it (the prefetch: it starts while the unit
+before computes), a dark bar from there to the free: the time the unit's full parameters exist. The strip
+below counts the units whose full buffer holds memory at each moment, being gathered or whole (never more
+than two: one computes while the next is gathered). The step measured is the second of the
+run, after a warm-up step; the times are rank 0's.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+from benchmark_zero import model_config  # noqa: E402  (puts step12_fsdp on the path)
+import process_group_manager as pgm  # noqa: E402
+import zero  # noqa: E402
+from model import Llama  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tools" / "lib"))
+from measure import free_port  # noqa: E402
+
+DP_SIZE = 2
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name", default=str(ROOT / "assets" / "tiny_llama"), help="config to start from")
+    parser.add_argument("--hidden_size", type=int, default=512)
+    parser.add_argument("--intermediate_size", type=int, default=1536)
+    parser.add_argument("--num_hidden_layers", type=int, default=6)
+    parser.add_argument("--vocab_size", type=int, default=4096)
+    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--micro_batch_size", type=int, default=2)
+    parser.add_argument("--out", default=str(ROOT / "assets" / "fsdp_timeline.png"))
+    parser.add_argument("--json", action="store_true", help="also print the events as JSON")
+    return parser.parse_args()
+
+
+def record_events(events):
+    """Wrap the three ShardedBucket methods that move a unit's parameters: (unit, what, seconds) per call."""
+    for name, what in (("gather_parameters", "gather"), ("wait_parameters", "whole"), ("free_parameters", "free")):
+        def wrapped(bucket, original=getattr(zero.ShardedBucket, name), what=what):
+            whole_before = bucket.param_buffer.untyped_storage().size() > 0 and bucket.gather_handle is None
+            pending_before = bucket.gather_handle is not None
+            original(bucket)
+            # only what changes the unit's state: a gather that starts, a wait that ends one, a free of a whole unit
+            if (what == "gather" and not whole_before and not pending_before and bucket.gather_handle is not None) \
+                    or (what == "whole" and not whole_before) or (what == "free" and whole_before):
+                events.append((bucket, what, time.perf_counter()))
+        setattr(zero.ShardedBucket, name, wrapped)
+
+
+def worker(rank, port, args, result_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=DP_SIZE)
+    pgm.setup_process_group_manager(tp_size=1, cp_size=1, pp_size=1, dp_size=DP_SIZE)
+    config = model_config(args)
+    events = []
+    record_events(events)
+    torch.manual_seed(0)
+    model = zero.ZeroDataParallel(Llama(config), zero_stage=3)
+    optimizer = zero.ZeroAdamW(model, lr=1e-3)
+    units = {bucket: index for index, bucket in enumerate(model.buckets)}
+    generator = torch.Generator().manual_seed(1 + rank)
+    phases = {}
+    for step in range(2):  # the first warms up
+        events.clear()
+        tokens = torch.randint(config.vocab_size, (args.micro_batch_size, args.seq_len + 1), generator=generator)
+        dist.barrier()
+        start = time.perf_counter()
+        model.zero_grad()
+        logits = model(input_ids=tokens[:, :-1])  # [batch, seq, vocab]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        forward_end = time.perf_counter()
+        loss.backward()
+        model.finish_gradient_synchronization()
+        backward_end = time.perf_counter()
+        optimizer.step()
+        phases = {"forward": (0.0, forward_end - start), "backward": (forward_end - start, backward_end - start),
+                  "optimizer": (backward_end - start, time.perf_counter() - start)}
+    if rank == 0:
+        result = {"units": ["embedding", *[f"layer {i}" for i in range(config.num_hidden_layers)], "norm + LM head"],
+                  "phases": phases,
+                  "events": [(units[bucket], what, seconds - start) for bucket, what, seconds in events]}
+        (Path(result_dir) / "timeline.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def units_in_memory(events):
+    """[(seconds, units whose full buffer holds memory from then on)] and the most at any moment: a unit's
+    buffer is allocated when its gather starts and given back when it is freed."""
+    counts, held = [], 0
+    for _, what, seconds in sorted(events, key=lambda event: event[2]):
+        held += {"gather": 1, "free": -1}.get(what, 0)
+        counts.append((seconds, held))
+    return counts, max((count for _, count in counts), default=0)
+
+
+def draw(result, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    units, events = result["units"], result["events"]
+    fig, (ax, strip) = plt.subplots(2, 1, figsize=(11, 1.2 + 0.45 * len(units)), sharex=True,
+                                    gridspec_kw={"height_ratios": [len(units), 2]})
+    colors = {"forward": "#dbe9f6", "backward": "#fde2cf", "optimizer": "#e3f1de"}
+    for phase, (begin, end) in result["phases"].items():
+        for axis in (ax, strip):
+            axis.axvspan(begin * 1000, end * 1000, color=colors[phase], zorder=0)
+        strip.text((begin + end) * 500, 2.6, phase, ha="center", va="bottom", fontsize=8)
+    for index in range(len(units)):
+        mine = sorted((seconds, what) for unit, what, seconds in events if unit == index)
+        gather_start = None
+        whole_since = None
+        for seconds, what in mine:
+            if what == "gather":
+                gather_start = seconds
+            elif what == "whole":
+                if gather_start is not None:
+                    ax.barh(index, (seconds - gather_start) * 1000, left=gather_start * 1000, height=0.5,
+                            color="#9ecae1", label="all-gather in flight" if index == 0 else None)
+                gather_start, whole_since = None, seconds
+            elif what == "free" and whole_since is not None:
+                ax.barh(index, (seconds - whole_since) * 1000, left=whole_since * 1000, height=0.5, color="#08519c",
+                        label="full parameters exist" if index == 0 else None)
+                whole_since = None
+    ax.set_yticks(range(len(units)), units, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_ylim(len(units) - 0.3, -0.7)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper center", ncol=2)
+    counts, most = units_in_memory(events)
+    strip.step([seconds * 1000 for seconds, _ in counts], [count for _, count in counts], where="post", color="black")
+    strip.set_ylim(0, max(most, 2) + 1.3)
+    strip.set_yticks(range(max(most, 2) + 1))
+    strip.set_ylabel("units in\nmemory", fontsize=8)
+    strip.set_xlabel("ms since the step began (rank 0)")
+    ax.set_title(f"ZeRO-3, dp {DP_SIZE}, one training step: when each unit's full parameters exist (measured; at "
+                 f"most {most} units in memory at once)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main():
+    args = parse_args()
+    with tempfile.TemporaryDirectory() as result_dir:
+        mp.spawn(worker, args=(free_port(), args, result_dir), nprocs=DP_SIZE)
+        result = json.loads((Path(result_dir) / "timeline.json").read_text())
+    _, most = units_in_memory(result["events"])
+    result["most_units_in_memory"] = most
+    draw(result, args.out)
+    print(f"{len(result['units'])} units, at most {most} in memory at once; drawn into {os.path.relpath(args.out)}")
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
