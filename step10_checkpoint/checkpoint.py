@@ -52,8 +52,9 @@ ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
 # A resume must match all of these, and every config value that enters the model: otherwise the weights or the
 # data position would mean something else.
 SAME_RUN = ("seq_len", "global_batch_size", "dataset_name", "seed", "tokenizer", *ARCHITECTURE)
-# What every file's metadata holds; a checkpoint that lacks one is refused, naming it.
+# What every file's metadata holds, and its run settings; a checkpoint that lacks one is refused, naming it.
 METADATA_KEYS = ("step", "tokens", "run", "data", "tp_split", "layout", "save_id", "sha256")
+RUN_KEYS = (*SAME_RUN, "learning_rate", "model_name", "config")
 
 
 def run_settings(args, config):
@@ -134,6 +135,7 @@ def file_damage(path, step, save_id):
     with safe_open(path, framework="pt") as f:  # opening checks the header and that the file is as long as it says
         metadata = json.loads((f.metadata() or {}).get("json", "{}"))
         missing = [key for key in METADATA_KEYS if key not in metadata]
+        missing += [f"run.{key}" for key in RUN_KEYS if key not in metadata.get("run", {})]
         if missing:
             return f"its metadata lacks the key {missing[0]!r}"
         if metadata["step"] != step:

@@ -643,6 +643,8 @@ def test_damaged_data_is_refused_naming_the_file_and_the_checkpoint(step, tmp_pa
         "another_save": (another_save, "it is from another save of step 4"),
         "missing_key": (lambda folder: rewrite(folder / name, lambda metadata, _: metadata.pop("tokens")),
                         "its metadata lacks the key 'tokens'"),
+        "missing_run_key": (lambda folder: rewrite(folder / name, lambda metadata, _: metadata["run"].pop("seq_len")),
+                            "its metadata lacks the key 'run.seq_len'"),
         "not_finite": (lambda folder: rewrite(folder / name, nan_saved_so), "holds non-finite values"),
     }
     for case, (harm, expected) in cases.items():
