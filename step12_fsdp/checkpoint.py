@@ -1,5 +1,5 @@
-"""Checkpoints of a run split over the 4D grid and sharded by ZeRO (stages 1 to 3): save, resume in the same or another layout
-and zero stage, start from Hugging Face Llama weights.
+"""Checkpoints of a run split over the 4D grid and sharded by ZeRO (stages 1 to 3): save, resume in the same or
+another layout and zero stage, start from Hugging Face Llama weights.
 
 On disk:
 
@@ -22,44 +22,71 @@ into a Hugging Face model with the same assembly, and step 10's checkpoints (one
 per tensor shard, whole tensors) are read the same way. The data position is saved as sequences consumed
 in the epoch, which means the same thing whatever the split of the global batch.
 
-A file is written under a temporary name and renamed, and a checkpoint counts only once COMPLETE exists,
-so a run killed mid-save leaves the previous one usable. Nothing after initialisation draws random
-numbers (no dropout; the data order depends on the seed and the epoch only), so a resume is exact
-without saving any RNG state.
+A file is written under a temporary name, fsynced and renamed, and a checkpoint counts only once COMPLETE
+exists, written and fsynced after every file is on the disk: a run killed mid-save, or a machine losing
+power, leaves the previous one usable. Each file's metadata carries the sha256 of its tensors, its step and
+the id of its save; a resume checks them all before training, so bytes changed on the disk, a file from
+another step or another save, or non-finite values are refused by name instead of trained on (step 10's
+files from before checksums load unverified). Nothing after initialisation draws random numbers (no
+dropout; the data order depends on the seed and the epoch only), so a resume is exact without saving any
+RNG state.
 """
+import atexit
+import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import process_group_manager as pgm
 from pipeline_parallel import stage_layer_range
 from tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from utils import fail
+from utils import NOT_MATH, fail, tokenizer_fingerprint, warn
 
 COMPLETE = "COMPLETE"
 LOCK = ".lock"
+SEEN_BY_EVERY_RANK = ".seen_by_every_rank"  # written by global rank 0 at start-up, read by every rank, removed
 ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "tie_word_embeddings")
-# A resume must match all of these: otherwise the weights or the data position would mean something else.
-SAME_RUN = ("seq_len", "global_batch_size", "dataset_name", "seed", *ARCHITECTURE)
+# A resume must match all of these, and every config value that enters the model: otherwise the weights or the
+# data position would mean something else.
+SAME_RUN = ("seq_len", "global_batch_size", "dataset_name", "seed", "tokenizer", *ARCHITECTURE)
+# What every file's metadata holds, and its run settings; a checkpoint that lacks one is refused, naming it.
+METADATA_KEYS = ("step", "tokens", "run", "data", "tp_split", "layout", "save_id", "sha256")
+RUN_KEYS = (*SAME_RUN, "learning_rate", "model_name", "config")
 
 
 def run_settings(args, config):
-    """What identifies this run (SAME_RUN), the learning rate, and what an export needs (config, tokenizer)."""
+    """What identifies this run (SAME_RUN and the config), the learning rate, and what an export needs (config,
+    tokenizer)."""
     def where(name):  # a local directory by its real path, however it was spelled
         return os.path.realpath(name) if os.path.isdir(name) else name
 
     return {"seq_len": args.seq_len, "seed": args.seed, "dataset_name": where(args.dataset_name),
             "global_batch_size": args.micro_batch_size * args.gradient_accumulation_steps * args.dp_size,
-            **{name: getattr(config, name) for name in ARCHITECTURE},
+            "tokenizer": tokenizer_fingerprint(args.model_name), **{name: getattr(config, name) for name in ARCHITECTURE},
             "learning_rate": args.learning_rate, "model_name": where(args.model_name), "config": config.to_dict()}
+
+
+def run_differences(saved, run):
+    """What differs between a checkpoint's run and this one, as 'name saved vs this' (empty for the same run).
+    A step 10 checkpoint saved before tokenizer fingerprints has none to compare."""
+    run = json.loads(json.dumps(run))  # as the checkpoint holds it: tuples as lists
+    names = [name for name in SAME_RUN if name in saved or name != "tokenizer"]
+    differing = [f"{name} {saved.get(name)!r} vs {run[name]!r}" for name in names if saved.get(name) != run[name]]
+    config = run["config"]
+    for key in sorted(set(saved["config"]) | set(config)):
+        if key not in NOT_MATH and key not in SAME_RUN and saved["config"].get(key) != config.get(key):
+            differing.append(f"config.{key} {saved['config'].get(key)!r} vs {config.get(key)!r}")
+    return differing
 
 
 def checkpoint_file(checkpoint_dir, pp_rank, tp_rank, shard):
@@ -73,47 +100,114 @@ def checkpoint_files(checkpoint_dir, layout, pp_rank, tp_rank):
     return [checkpoint_file(checkpoint_dir, pp_rank, tp_rank, shard) for shard in range(layout["shards"])]
 
 
-def complete_checkpoints(save_dir):
-    """Finished checkpoint folders in save_dir, oldest first: by step number, not by name (step_1000000 comes
-    after step_999999)."""
+def step_folders(save_dir):
+    """The step_* folders in save_dir, complete or not, oldest first: by step number, not by name (step_1000000
+    comes after step_999999)."""
     names = [n for n in os.listdir(save_dir) if re.fullmatch(r"step_\d+", n)] if os.path.isdir(save_dir) else []
-    names.sort(key=lambda name: int(name.removeprefix("step_")))
-    return [os.path.join(save_dir, n) for n in names if os.path.exists(os.path.join(save_dir, n, COMPLETE))]
+    return [os.path.join(save_dir, n) for n in sorted(names, key=folder_step)]
+
+
+def folder_step(checkpoint_dir):
+    return int(os.path.basename(checkpoint_dir).removeprefix("step_"))
+
+
+def complete_checkpoints(save_dir):
+    """Finished checkpoint folders in save_dir, oldest first."""
+    return [folder for folder in step_folders(save_dir) if os.path.exists(os.path.join(folder, COMPLETE))]
 
 
 def prune(save_dir, keep_last):
     """Delete all but the newest keep_last complete checkpoints, each one's COMPLETE first: a prune cut short
-    leaves a folder that no longer claims to be complete, never a half-deleted one that does."""
-    for old in complete_checkpoints(save_dir)[:-keep_last]:
+    leaves a folder that no longer claims to be complete, never a half-deleted one that does. Folders without
+    COMPLETE older than the newest complete one go too: saves cut short, that no resume will read."""
+    complete = complete_checkpoints(save_dir)
+    for old in complete[:-keep_last]:
         os.remove(os.path.join(old, COMPLETE))
         shutil.rmtree(old)
+    for orphan in set(step_folders(save_dir)) - set(complete):
+        if folder_step(orphan) < folder_step(complete[-1]):
+            shutil.rmtree(orphan)
+
+
+def first_file(checkpoint_dir):
+    """The file of stage 0, tensor shard 0 (and ZeRO shard 0): step 10's name or step 11's."""
+    first = sorted(n for n in os.listdir(checkpoint_dir) if n.startswith("pp00_tp00") and n.endswith(".safetensors"))
+    return os.path.join(checkpoint_dir, first[0] if first else "pp00_tp00_shard00.safetensors")
 
 
 def read_metadata(checkpoint_dir):
-    first = sorted(n for n in os.listdir(checkpoint_dir) if n.startswith("pp00_tp00") and n.endswith(".safetensors"))
-    with safe_open(os.path.join(checkpoint_dir, first[0] if first else "pp00_tp00_shard00.safetensors"),
-                   framework="pt") as f:
-        return json.loads(f.metadata()["json"])
+    with safe_open(first_file(checkpoint_dir), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("json", "{}"))
+
+
+def tensors_sha256(tensors):
+    """sha256 over the tensors' names, dtypes, shapes and bytes, in name order: what a file's metadata vouches for."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def file_damage(path, step, save_id):
+    """Why one file of the checkpoint of `step` cannot be trusted (None if it can): its metadata lacks a key, it
+    belongs to another step or another save (save_id: the first file's), its bytes no longer match their
+    checksum, or it holds values that are not finite. A step 10 file (no "shards" in its layout) saved before
+    checksums has neither save_id nor sha256 and is checked for the rest."""
+    with safe_open(path, framework="pt") as f:  # opening checks the header and that the file is as long as it says
+        metadata = json.loads((f.metadata() or {}).get("json", "{}"))
+        layout = metadata.get("layout", {})
+        legacy = "sha256" not in metadata and layout and "shards" not in layout
+        missing = [key for key in METADATA_KEYS if key not in metadata and not (legacy and key in ("save_id", "sha256"))]
+        missing += [f"run.{key}" for key in RUN_KEYS if key not in metadata.get("run", {})
+                    and not (legacy and key == "tokenizer")]
+        if missing:
+            return f"its metadata lacks the key {missing[0]!r}"
+        if metadata["step"] != step:
+            return f"it holds step {metadata['step']}, not {step}"
+        if metadata.get("save_id") != save_id:
+            return f"it is from another save of step {step} than the checkpoint's first file"
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    if not legacy and tensors_sha256(tensors) != metadata["sha256"]:
+        return "its tensors do not match their checksum (bytes changed after the save)"
+    not_finite = [key for key, tensor in tensors.items() if not torch.isfinite(tensor).all()]
+    if not_finite:
+        return f"{not_finite[0]} holds non-finite values (inf or NaN): it was saved so, or changed since"
+    return None
 
 
 def damage(checkpoint_dir):
-    """Why the checkpoint cannot be read (None if every file of its layout is there and opens)."""
+    """Why the checkpoint cannot be trusted, naming the file (None if every file of its layout is there, opens,
+    comes from this step and this save, and matches its checksum). Every rank reads every file: the price of
+    reaching the same verdict on every rank without a collective."""
+    path = first_file(checkpoint_dir)
     try:
-        layout = read_metadata(checkpoint_dir)["layout"]
+        first = read_metadata(checkpoint_dir)
+        if "layout" not in first:
+            return f"{os.path.basename(path)}: its metadata lacks the key 'layout'"
+        layout = first["layout"]
         for pp_rank in range(layout["pp_size"]):
             for tp_rank in range(layout["tp_size"]):
                 for path in checkpoint_files(checkpoint_dir, layout, pp_rank, tp_rank):
-                    with safe_open(path, framework="pt"):
-                        pass  # opening checks the header and that the file is as long as it says
+                    problem = file_damage(path, step=folder_step(checkpoint_dir), save_id=first.get("save_id"))
+                    if problem:
+                        return f"{os.path.basename(path)}: {problem}"
     except Exception as error:  # a missing file, or safetensors' own error for a truncated or garbled one
-        return " ".join(str(error).split())
+        return f"{os.path.basename(path)}: {' '.join(str(error).split())}"
     return None
+
+
+def save_dir_is_a_file(save_dir):
+    if os.path.exists(save_dir) and not os.path.isdir(save_dir):
+        fail(f"--save_dir {save_dir} is a file, not a directory: choose a directory")
 
 
 def check_save_dir(save_dir, resume, run):
     """Refuse, before anything is written, a run that would lose or mix up another one. Every rank reads the
     same files and reaches the same verdict. Returns the checkpoint to resume from (None for a fresh run)."""
-    used = sorted(set(os.listdir(save_dir)) - {LOCK}) if os.path.isdir(save_dir) else []
+    save_dir_is_a_file(save_dir)
+    used = sorted(n for n in os.listdir(save_dir) if not n.startswith(".")) if os.path.isdir(save_dir) else []
     if not resume:
         if used:
             fail(f"--save_dir {save_dir} is not empty (it holds {', '.join(used[:3])}{', ...' if len(used) > 3 else ''}): "
@@ -123,19 +217,26 @@ def check_save_dir(save_dir, resume, run):
     if not checkpoints:
         fail(f"--resume: no complete checkpoint in --save_dir {save_dir}")
     newest = checkpoints[-1]
+    cut_short = step_folders(save_dir)[-1]
+    if cut_short != newest:
+        warn(f"--resume: {cut_short} is skipped: it has no {COMPLETE} (a save cut short)")
     problem = damage(newest)
     if problem:
+        # Refused rather than falling back: the older checkpoint would silently cost the steps since, and the
+        # damage (a disk, a copy, a hand) deserves a look before this run saves over anything.
         intact = [c for c in checkpoints[:-1] if damage(c) is None]
         fail(f"--resume: the newest checkpoint {newest} is damaged ({problem}); " +
              (f"the newest intact one is {intact[-1]}: move {newest} out of --save_dir to resume from it"
               if intact else "no older checkpoint is intact"))
-    saved = read_metadata(newest)["run"]
-    differing = [f"{name} {saved[name]!r} vs {run[name]!r}" for name in SAME_RUN if saved[name] != run[name]]
+    saved = read_metadata(newest)
+    if "sha256" not in saved:
+        warn(f"--resume: {newest} is in step 10's format from before checksums: loaded unverified")
+    differing = run_differences(saved["run"], run)
     if differing:
         fail(f"--resume: {newest} is from another run; checkpoint vs this run: {'; '.join(differing)}. "
              f"Resume with the checkpoint's settings, or start a fresh run in another --save_dir")
-    if saved["learning_rate"] != run["learning_rate"] and int(os.environ.get("RANK", "0")) == 0:
-        print(f"--learning_rate {run['learning_rate']} replaces the checkpoint's {saved['learning_rate']} "
+    if saved["run"]["learning_rate"] != run["learning_rate"] and int(os.environ.get("RANK", "0")) == 0:
+        print(f"--learning_rate {run['learning_rate']} replaces the checkpoint's {saved['run']['learning_rate']} "
               f"from here on", flush=True)
     return newest
 
@@ -143,22 +244,82 @@ def check_save_dir(save_dir, resume, run):
 def lock_save_dir(save_dir):
     """Hold an exclusive lock on save_dir for as long as the returned file stays open (the operating system
     drops it when the process ends, even on SIGKILL), so a second run on the directory is refused instead of
-    overwriting this one. Creating the lock file also proves save_dir writable before training starts."""
+    overwriting this one. Called before check_save_dir, so two runs started together cannot both pass it. Then
+    writes, syncs and removes a file: the proof that save_dir is writable (opening the existing lock file
+    proves nothing: it opens in a read-only directory)."""
+    save_dir_is_a_file(save_dir)
+    lock_path = os.path.join(save_dir, LOCK)
+    created = [path for path in (save_dir, lock_path) if not os.path.exists(path)]
     try:
         os.makedirs(save_dir, exist_ok=True)
-        lock = open(os.path.join(save_dir, LOCK), "a+")
+        lock = open(lock_path, "a+")
     except OSError as error:
         fail(f"cannot write to --save_dir {save_dir}: {error}")
+    # Until sign_lock claims the directory, what the lock created goes again at exit: a refused run leaves nothing.
+    atexit.register(remove_unclaimed, created)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.seek(0)
         fail(f"--save_dir {save_dir} is in use by another run ({lock.read().strip() or 'pid unknown'}): "
              f"wait for it to end, or choose another --save_dir")
+    except OSError as error:  # some network filesystems (NFS, Lustre mounts) have no flock
+        warn(f"cannot lock --save_dir {save_dir} ({error.strerror or error}): a second run on it would not be refused")
+    try:
+        probe = os.path.join(save_dir, f".write_probe_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("writable\n")
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as error:
+        fail(f"cannot write to --save_dir {save_dir}: {error}")
+    return lock
+
+
+def check_every_rank_sees(save_dir):
+    """--save_dir must be one directory that every rank sees: a path that names a local folder on each node would
+    let every save "succeed" and a resume find the other nodes' files missing. Global rank 0 writes a random token
+    there, every rank reads it back, and the verdicts are gathered, so every rank stops together. A collective:
+    after init_distributed."""
+    token_path = os.path.join(save_dir, SEEN_BY_EVERY_RANK)
+    token = [secrets.token_hex(8)]
+    dist.broadcast_object_list(token, src=0)
+    if dist.get_rank() == 0:
+        with open(token_path, "w") as f:
+            f.write(token[0])
+    dist.barrier()  # written, and closed: a network filesystem shows it to a reader that opens it from now on
+    try:
+        with open(token_path) as f:
+            sees = f.read() == token[0]
+    except OSError:
+        sees = False
+    verdicts = [None] * dist.get_world_size()
+    dist.all_gather_object(verdicts, sees)
+    if dist.get_rank() == 0:
+        os.remove(token_path)
+    blind = [rank for rank, sees in enumerate(verdicts) if not sees]
+    if blind:
+        fail(f"--save_dir {save_dir} is not one directory that every rank sees: rank(s) {', '.join(map(str, blind))} "
+             f"cannot read the file global rank 0 wrote there (a path local to each node?): give a directory on a "
+             f"filesystem that every node shares")
+
+
+def remove_unclaimed(created):
+    """What lock_save_dir created (the lock file, then the folder), where no run claimed it."""
+    for path in reversed(created):
+        with contextlib.suppress(OSError):
+            if os.path.isdir(path):
+                os.rmdir(path)  # only if empty
+            else:
+                os.remove(path)
+
+
+def sign_lock(lock):
+    """Write this run's pid into the lock, once the checks passed (a refused run leaves the file as it was)."""
+    atexit.unregister(remove_unclaimed)
     lock.truncate(0)
     lock.write(f"pid {os.getpid()}\n")
     lock.flush()
-    return lock
 
 
 def global_name(local_name, first_layer):
@@ -186,17 +347,21 @@ def tp_split_dims(model):
 
 def save_checkpoint(save_dir, step, tokens, model, optimizer, data_loader, run, keep_last):
     """Every rank that owns a piece of the optimizer writes its file (at stage 0 only the dp rank 0, cp rank 0
-    copy of every (stage, tensor shard)); global rank 0 then marks the checkpoint complete and prunes."""
+    copy of every (stage, tensor shard)); global rank 0 then marks the checkpoint complete and prunes. A rank
+    that cannot write (a full disk) stops every rank with one line, and the partial folder is removed."""
     grid = pgm.process_group_manager
     checkpoint_dir = os.path.join(save_dir, f"step_{step:06d}")
-    if grid.global_rank == 0:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # left behind by a save killed before COMPLETE
-        os.makedirs(checkpoint_dir)
-    dist.barrier()  # the folder exists, and is empty
+    # One random id per save, from global rank 0, in every file: a file left from another save of this step is told
+    # apart. Drawn from the operating system, so the training's random streams stay untouched.
+    save_id = [secrets.token_hex(8)]
+    dist.broadcast_object_list(save_id, src=0)
+    problem = attempt(fresh_folder, checkpoint_dir) if grid.global_rank == 0 else None
+    all_succeeded(problem, checkpoint_dir)  # the folder exists, and is empty
 
     zero_stage = model.zero_stage
     shards = grid.cp_dp_world_size if zero_stage > 0 else 1
     shard = dist.get_rank(grid.cp_dp_group) if shards > 1 else 0
+    problem = None
     if shards > 1 or (grid.dp_rank == 0 and grid.cp_rank == 0):
         first_layer = stage_layer_range(run["num_hidden_layers"], grid.pp_world_size, grid.pp_rank)[0]
         split_dims = tp_split_dims(model)
@@ -214,24 +379,80 @@ def save_checkpoint(save_dir, step, tokens, model, optimizer, data_loader, run, 
                 if local_name in split_dims:  # the AdamW moments are split as their parameter; step is a scalar
                     for kind in ("model", "exp_avg", "exp_avg_sq"):
                         tp_split[f"{kind}.{name}"] = split_dims[local_name]
+        # copies: safetensors refuses tensors that share memory (pieces of one flat buffer, the one step counter)
+        tensors = {key: t.detach().to("cpu", copy=True) for key, t in tensors.items()}
         metadata = {"step": step, "tokens": tokens, "run": run, "data": data_loader.state_dict(), "tp_split": tp_split,
-                    "ranges": ranges, "zero_stage": zero_stage,
+                    "ranges": ranges, "zero_stage": zero_stage, "save_id": save_id[0], "sha256": tensors_sha256(tensors),
                     "layout": {"tp_size": grid.tp_world_size, "cp_size": grid.cp_world_size,
                                "pp_size": grid.pp_world_size, "dp_size": grid.dp_world_size, "shards": shards}}
-        path = checkpoint_file(checkpoint_dir, grid.pp_rank, grid.tp_rank, shard)
-        # copies: safetensors refuses tensors that share memory (pieces of one flat buffer, the one step counter)
-        save_file({key: t.detach().to("cpu", copy=True) for key, t in tensors.items()}, path + ".tmp",
-                  metadata={"json": json.dumps(metadata)})
-        os.replace(path + ".tmp", path)  # atomic: a reader sees no file or the whole file
+        problem = attempt(write_durably, checkpoint_file(checkpoint_dir, grid.pp_rank, grid.tp_rank, shard),
+                          tensors, metadata)
+    all_succeeded(problem, checkpoint_dir)  # every file is in place, on the disk
 
-    dist.barrier()  # every file is in place
+    problem = attempt(mark_complete, checkpoint_dir, step) if grid.global_rank == 0 else None
+    all_succeeded(problem, checkpoint_dir)
     if grid.global_rank == 0:
-        marker = os.path.join(checkpoint_dir, COMPLETE)
-        with open(marker + ".tmp", "w") as f:
-            f.write(f"{step}\n")
-        os.replace(marker + ".tmp", marker)
         prune(save_dir, keep_last)
     dist.barrier()  # no rank races ahead to a next save while rank 0 prunes
+
+
+def attempt(write, *args):
+    """None if write(*args) succeeds, else why not (a full disk, a vanished mount) as one line."""
+    try:
+        write(*args)
+    except (OSError, SafetensorError) as error:  # safetensors reports a failed write as its own error
+        return " ".join(str(error).split())
+    return None
+
+
+def all_succeeded(problem, checkpoint_dir):
+    """A collective: every rank learns whether any rank failed to write; if one did, global rank 0 removes the
+    partial folder and every rank stops, so no run trains on without the checkpoint it asked for."""
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    failed = {rank: problem for rank, problem in enumerate(problems) if problem}
+    if failed:
+        if dist.get_rank() == 0:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        rank, problem = next(iter(failed.items()))
+        fail(f"cannot save the checkpoint {checkpoint_dir} (rank {rank}: {problem}): its partial folder was removed, "
+             f"the earlier checkpoints are intact")
+
+
+def fsync(path):
+    """Flush a file's bytes, or a folder's entries (the names renamed into it), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fresh_folder(checkpoint_dir):
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # left behind by a save killed before COMPLETE
+    os.makedirs(checkpoint_dir)
+    fsync(os.path.dirname(checkpoint_dir))
+
+
+def write_durably(path, tensors, metadata):
+    """Write under a temporary name, fsync, rename, fsync the folder: after a crash or a power loss the file is
+    absent or whole, never there with missing bytes."""
+    save_file(tensors, path + ".tmp", metadata={"json": json.dumps(metadata)})
+    fsync(path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a reader sees no file or the whole file
+    fsync(os.path.dirname(path))
+
+
+def mark_complete(checkpoint_dir, step):
+    """Only after every file is on the disk: COMPLETE, itself written durably."""
+    fsync(checkpoint_dir)
+    marker = os.path.join(checkpoint_dir, COMPLETE)
+    with open(marker + ".tmp", "w") as f:
+        f.write(f"{step}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(marker + ".tmp", marker)
+    fsync(checkpoint_dir)
 
 
 def owned_pieces(bucket):

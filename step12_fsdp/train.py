@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import process_group_manager as pgm
-from checkpoint import (check_save_dir, load_checkpoint, load_hf_weights, lock_save_dir, run_settings,
-                        save_checkpoint)
+from checkpoint import (check_every_rank_sees, check_save_dir, load_checkpoint, load_hf_weights, lock_save_dir,
+                        run_settings, save_checkpoint, sign_lock)
 from context_parallel import apply_context_parallel
 from dataloader import DEFAULT_DATASET, MicroBatchDataLoader
 from model import Llama
@@ -119,13 +119,18 @@ def main():
     if warning:
         warn(warning)
     run = run_settings(args, config)
+    if args.save_dir and int(os.environ.get("RANK", "0")) == 0:
+        # Global rank 0 locks --save_dir for this run before any check of it: the lock lasts as long as this open
+        # file, i.e. the process.
+        save_dir_lock = lock_save_dir(args.save_dir)
     resume_from = check_save_dir(args.save_dir, args.resume, run) if args.save_dir else None
     if args.save_dir and int(os.environ.get("RANK", "0")) == 0:
-        # Global rank 0 locks --save_dir for this run: the lock lasts as long as this open file, i.e. the process.
-        save_dir_lock = lock_save_dir(args.save_dir)
+        sign_lock(save_dir_lock)
 
     init_distributed(device, args.timeout_s)
     check_same_settings(args, config)
+    if args.save_dir:
+        check_every_rank_sees(args.save_dir)
     setup_process_group_manager(args.tp_size, args.cp_size, args.pp_size, args.dp_size, timeout_s=args.timeout_s)
     grid = pgm.process_group_manager
     is_logging_rank = grid.tp_rank == 0 and grid.cp_rank == 0 and grid.dp_rank == 0 and grid.pp_is_last_stage

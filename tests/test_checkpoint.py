@@ -408,13 +408,13 @@ def test_a_run_that_would_lose_or_mix_up_another_is_refused_and_touches_nothing(
 CHECKPOINT_FLAGS = {"--save_dir", "--save_every", "--keep_last", "--resume", "--init_from_hf"}
 
 
-@pytest.mark.parametrize("step", [f"step{n}" for n in range(1, 12)])
+@pytest.mark.parametrize("step", [f"step{n}" for n in range(1, 13)])
 def test_checkpoints_are_the_technique_of_step_10_on(step, monkeypatch):
     train = import_step(step, "train")
     # train.parse_args() builds the parser and parses; made to hand back the parser, it shows every flag.
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", lambda parser, *args, **kwargs: parser)
     flags = {option for action in train.parse_args()._actions for option in action.option_strings}
-    has_checkpoints = step in ("step10", "step11")
+    has_checkpoints = step in ("step10", "step11", "step12")
     assert (flags & CHECKPOINT_FLAGS == CHECKPOINT_FLAGS) if has_checkpoints else not flags & CHECKPOINT_FLAGS, \
         sorted(flags & CHECKPOINT_FLAGS)
     assert (step_dir(step) / "checkpoint.py").exists() == has_checkpoints
