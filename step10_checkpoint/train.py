@@ -12,14 +12,15 @@ import torch
 import torch.nn.functional as F
 
 import process_group_manager as pgm
-from checkpoint import (check_every_rank_sees, check_save_dir, load_checkpoint, load_hf_weights, lock_save_dir,
-                        run_settings, save_checkpoint, sign_lock)
+from checkpoint import load_checkpoint, run_settings, save_checkpoint
 from context_parallel import apply_context_parallel
 from data_parallel import DataParallelBucket
 from dataloader import DEFAULT_DATASET, MicroBatchDataLoader
+from hf_weights import load_hf_weights
 from model import Llama
 from pipeline_parallel import PipelineParallel, train_step_pipeline_1f1b, train_step_pipeline_afab
 from process_group_manager import node_warning, setup_process_group_manager, validate_layout
+from save_dir import check_every_rank_sees, claim_save_dir
 from tensor_parallel import apply_tensor_parallel
 from utils import (ArgumentParser, DEFAULT_MODEL, MetricsLogger, average_loss_across_dp_cp_ranks, check_loss,
                    check_same_settings, close_distributed, fail, flops_per_token, init_distributed, integer,
@@ -116,13 +117,8 @@ def main():
     if warning:
         warn(warning)
     run = run_settings(args, config)
-    if args.save_dir and int(os.environ.get("RANK", "0")) == 0:
-        # Global rank 0 locks --save_dir for this run before any check of it: the lock lasts as long as this open
-        # file, i.e. the process.
-        save_dir_lock = lock_save_dir(args.save_dir)
-    resume_from = check_save_dir(args.save_dir, args.resume, run) if args.save_dir else None
-    if args.save_dir and int(os.environ.get("RANK", "0")) == 0:
-        sign_lock(save_dir_lock)
+    # Global rank 0 locks --save_dir before any check of it, for as long as save_dir_lock stays open: the process.
+    resume_from, save_dir_lock = claim_save_dir(args.save_dir, args.resume, run) if args.save_dir else (None, None)
 
     init_distributed(device, args.timeout_s)
     check_same_settings(args, config)

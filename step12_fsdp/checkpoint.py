@@ -1,5 +1,6 @@
-"""Checkpoints of a run split over the 4D grid and sharded by ZeRO (stages 1 to 3): save, resume in the same or
-another layout and zero stage, start from Hugging Face Llama weights.
+"""Checkpoints of a run split over the 4D grid and sharded by ZeRO: the format, save, resume in the same or
+another layout and zero stage. The guards of --save_dir are in save_dir.py, the import of Hugging Face weights
+in hf_weights.py.
 
 On disk:
 
@@ -31,9 +32,6 @@ files from before checksums load unverified). Nothing after initialisation draws
 dropout; the data order depends on the seed and the epoch only), so a resume is exact without saving any
 RNG state.
 """
-import atexit
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -44,16 +42,14 @@ import shutil
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import process_group_manager as pgm
 from pipeline_parallel import stage_layer_range
 from tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from utils import NOT_MATH, fail, tokenizer_fingerprint, warn
+from utils import NOT_MATH, fail, tokenizer_fingerprint
 
 COMPLETE = "COMPLETE"
-LOCK = ".lock"
-SEEN_BY_EVERY_RANK = ".seen_by_every_rank"  # written by global rank 0 at start-up, read by every rank, removed
 ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "tie_word_embeddings")
 # A resume must match all of these, and every config value that enters the model: otherwise the weights or the
@@ -198,130 +194,6 @@ def damage(checkpoint_dir):
     return None
 
 
-def save_dir_is_a_file(save_dir):
-    if os.path.exists(save_dir) and not os.path.isdir(save_dir):
-        fail(f"--save_dir {save_dir} is a file, not a directory: choose a directory")
-
-
-def check_save_dir(save_dir, resume, run):
-    """Refuse, before anything is written, a run that would lose or mix up another one. Every rank reads the
-    same files and reaches the same verdict. Returns the checkpoint to resume from (None for a fresh run)."""
-    save_dir_is_a_file(save_dir)
-    used = sorted(n for n in os.listdir(save_dir) if not n.startswith(".")) if os.path.isdir(save_dir) else []
-    if not resume:
-        if used:
-            fail(f"--save_dir {save_dir} is not empty (it holds {', '.join(used[:3])}{', ...' if len(used) > 3 else ''}): "
-                 f"continue its run with --resume, or choose another --save_dir")
-        return None
-    checkpoints = complete_checkpoints(save_dir)
-    if not checkpoints:
-        fail(f"--resume: no complete checkpoint in --save_dir {save_dir}")
-    newest = checkpoints[-1]
-    cut_short = step_folders(save_dir)[-1]
-    if cut_short != newest:
-        warn(f"--resume: {cut_short} is skipped: it has no {COMPLETE} (a save cut short)")
-    problem = damage(newest)
-    if problem:
-        # Refused rather than falling back: the older checkpoint would silently cost the steps since, and the
-        # damage (a disk, a copy, a hand) deserves a look before this run saves over anything.
-        intact = [c for c in checkpoints[:-1] if damage(c) is None]
-        fail(f"--resume: the newest checkpoint {newest} is damaged ({problem}); " +
-             (f"the newest intact one is {intact[-1]}: move {newest} out of --save_dir to resume from it"
-              if intact else "no older checkpoint is intact"))
-    saved = read_metadata(newest)
-    if "sha256" not in saved:
-        warn(f"--resume: {newest} is in step 10's format from before checksums: loaded unverified")
-    differing = run_differences(saved["run"], run)
-    if differing:
-        fail(f"--resume: {newest} is from another run; checkpoint vs this run: {'; '.join(differing)}. "
-             f"Resume with the checkpoint's settings, or start a fresh run in another --save_dir")
-    if saved["run"]["learning_rate"] != run["learning_rate"] and int(os.environ.get("RANK", "0")) == 0:
-        print(f"--learning_rate {run['learning_rate']} replaces the checkpoint's {saved['run']['learning_rate']} "
-              f"from here on", flush=True)
-    return newest
-
-
-def lock_save_dir(save_dir):
-    """Hold an exclusive lock on save_dir for as long as the returned file stays open (the operating system
-    drops it when the process ends, even on SIGKILL), so a second run on the directory is refused instead of
-    overwriting this one. Called before check_save_dir, so two runs started together cannot both pass it. Then
-    writes, syncs and removes a file: the proof that save_dir is writable (opening the existing lock file
-    proves nothing: it opens in a read-only directory)."""
-    save_dir_is_a_file(save_dir)
-    lock_path = os.path.join(save_dir, LOCK)
-    created = [path for path in (save_dir, lock_path) if not os.path.exists(path)]
-    try:
-        os.makedirs(save_dir, exist_ok=True)
-        lock = open(lock_path, "a+")
-    except OSError as error:
-        fail(f"cannot write to --save_dir {save_dir}: {error}")
-    # Until sign_lock claims the directory, what the lock created goes again at exit: a refused run leaves nothing.
-    atexit.register(remove_unclaimed, created)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        fail(f"--save_dir {save_dir} is in use by another run ({lock.read().strip() or 'pid unknown'}): "
-             f"wait for it to end, or choose another --save_dir")
-    except OSError as error:  # some network filesystems (NFS, Lustre mounts) have no flock
-        warn(f"cannot lock --save_dir {save_dir} ({error.strerror or error}): a second run on it would not be refused")
-    try:
-        probe = os.path.join(save_dir, f".write_probe_{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("writable\n")
-            os.fsync(f.fileno())
-        os.remove(probe)
-    except OSError as error:
-        fail(f"cannot write to --save_dir {save_dir}: {error}")
-    return lock
-
-
-def check_every_rank_sees(save_dir):
-    """--save_dir must be one directory that every rank sees: a path that names a local folder on each node would
-    let every save "succeed" and a resume find the other nodes' files missing. Global rank 0 writes a random token
-    there, every rank reads it back, and the verdicts are gathered, so every rank stops together. A collective:
-    after init_distributed."""
-    token_path = os.path.join(save_dir, SEEN_BY_EVERY_RANK)
-    token = [secrets.token_hex(8)]
-    dist.broadcast_object_list(token, src=0)
-    if dist.get_rank() == 0:
-        with open(token_path, "w") as f:
-            f.write(token[0])
-    dist.barrier()  # written, and closed: a network filesystem shows it to a reader that opens it from now on
-    try:
-        with open(token_path) as f:
-            sees = f.read() == token[0]
-    except OSError:
-        sees = False
-    verdicts = [None] * dist.get_world_size()
-    dist.all_gather_object(verdicts, sees)
-    if dist.get_rank() == 0:
-        os.remove(token_path)
-    blind = [rank for rank, sees in enumerate(verdicts) if not sees]
-    if blind:
-        fail(f"--save_dir {save_dir} is not one directory that every rank sees: rank(s) {', '.join(map(str, blind))} "
-             f"cannot read the file global rank 0 wrote there (a path local to each node?): give a directory on a "
-             f"filesystem that every node shares")
-
-
-def remove_unclaimed(created):
-    """What lock_save_dir created (the lock file, then the folder), where no run claimed it."""
-    for path in reversed(created):
-        with contextlib.suppress(OSError):
-            if os.path.isdir(path):
-                os.rmdir(path)  # only if empty
-            else:
-                os.remove(path)
-
-
-def sign_lock(lock):
-    """Write this run's pid into the lock, once the checks passed (a refused run leaves the file as it was)."""
-    atexit.unregister(remove_unclaimed)
-    lock.truncate(0)
-    lock.write(f"pid {os.getpid()}\n")
-    lock.flush()
-
-
 def global_name(local_name, first_layer):
     """A rank's parameter name -> its name in the full model: without the data-parallel wrapper's `module.`,
     with the global index of a stage's layer (`module.layers.1.mlp.up_proj.weight` on a stage whose
@@ -333,7 +205,7 @@ def global_name(local_name, first_layer):
     return name
 
 
-def tp_split_dims(model):
+def tp_split_of_model(model):
     """Local parameter name -> the dimension tensor_parallel.py split it along (unsplit ones are absent):
     column-parallel layers and the embedding by rows (output features, vocabulary), row-parallel by columns."""
     dims = {}
@@ -364,7 +236,7 @@ def save_checkpoint(save_dir, step, tokens, model, optimizer, data_loader, run, 
     problem = None
     if shards > 1 or (grid.dp_rank == 0 and grid.cp_rank == 0):
         first_layer = stage_layer_range(run["num_hidden_layers"], grid.pp_world_size, grid.pp_rank)[0]
-        split_dims = tp_split_dims(model)
+        model_tp_split = tp_split_of_model(model)
         local_names = {param: local_name for local_name, param in model.named_parameters()}
         tensors, tp_split, ranges = {}, {}, {}
         for bucket in model.buckets:
@@ -376,9 +248,9 @@ def save_checkpoint(save_dir, step, tokens, model, optimizer, data_loader, run, 
                 tensors.update({f"model.{name}": bucket.master[piece], f"exp_avg.{name}": state["exp_avg"][piece],
                                 f"exp_avg_sq.{name}": state["exp_avg_sq"][piece], f"step.{name}": state["step"]})
                 ranges[name] = [start, end, list(param.shape)]
-                if local_name in split_dims:  # the AdamW moments are split as their parameter; step is a scalar
+                if local_name in model_tp_split:  # the AdamW moments are split as their parameter; step is a scalar
                     for kind in ("model", "exp_avg", "exp_avg_sq"):
-                        tp_split[f"{kind}.{name}"] = split_dims[local_name]
+                        tp_split[f"{kind}.{name}"] = model_tp_split[local_name]
         # copies: safetensors refuses tensors that share memory (pieces of one flat buffer, the one step counter)
         tensors = {key: t.detach().to("cpu", copy=True) for key, t in tensors.items()}
         metadata = {"step": step, "tokens": tokens, "run": run, "data": data_loader.state_dict(), "tp_split": tp_split,
@@ -508,13 +380,13 @@ def load_checkpoint(checkpoint_dir, model, optimizer, data_loader):
     names = {local_name: global_name(local_name, first_layer) for local_name, _ in model.named_parameters()}
     needed = set(names.values())
     full = read_full_tensors(checkpoint_dir, lambda key: key.split(".", 1)[1] in needed)
-    split_dims = tp_split_dims(model)
+    model_tp_split = tp_split_of_model(model)
 
     def this_rank_slice(key, local_name):
         # the same contiguous block that tensor_parallel.local_range keeps: [..., size, ...] -> [..., size / tp, ...]
         tensor = full[key]
-        if local_name in split_dims:
-            tensor = tensor.chunk(grid.tp_world_size, dim=split_dims[local_name])[grid.tp_rank]
+        if local_name in model_tp_split:
+            tensor = tensor.chunk(grid.tp_world_size, dim=model_tp_split[local_name])[grid.tp_rank]
         return tensor.contiguous()
 
     local_names = {param: local_name for local_name, param in model.named_parameters()}
@@ -539,22 +411,3 @@ def load_checkpoint(checkpoint_dir, model, optimizer, data_loader):
     return metadata["step"], metadata["tokens"]
 
 
-def load_hf_weights(model, directory):
-    """Load a Hugging Face Llama checkpoint (model.safetensors, or shards listed in
-    model.safetensors.index.json) into the full model, before it is sharded for the layout."""
-    single = os.path.join(directory, "model.safetensors")
-    index = os.path.join(directory, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            shard_names = sorted(set(json.load(f)["weight_map"].values()))
-        state = {}
-        for name in shard_names:
-            state.update(load_file(os.path.join(directory, name)))
-    elif os.path.exists(single):
-        state = load_file(single)
-    else:
-        fail(f"--init_from_hf: no model.safetensors or model.safetensors.index.json in {directory!r}")
-    try:
-        model.load_hf_state_dict(state)
-    except (RuntimeError, KeyError) as error:
-        fail(f"--init_from_hf: the weights in {directory!r} do not fit the model config: {' '.join(str(error).split())}")

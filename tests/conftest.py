@@ -19,7 +19,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 STEP_MODULES = ("model", "utils", "process_group_manager", "dataloader", "tensor_parallel", "data_parallel",
-                "pipeline_parallel", "context_parallel", "checkpoint", "zero", "train")
+                "pipeline_parallel", "context_parallel", "checkpoint", "save_dir", "hf_weights", "zero", "train")
 
 
 def step_dir(step):

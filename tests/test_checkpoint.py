@@ -37,14 +37,14 @@ LAYOUTS = {
     "dp2_bucket": (2, ["--micro_batch_size", 1, "--gradient_accumulation_steps", 2, "--dp_size", 2,
                        "--bucket_size_mb", 1]),
     "pp2_1f1b": (2, ["--micro_batch_size", 1, "--gradient_accumulation_steps", 4, "--pp_size", 2, "--pp_engine", "1f1b"]),
-    "cp2": (2, ["--micro_batch_size", 2, "--gradient_accumulation_steps", 2, "--cp_size", 2]),
     "cp2_tp2": (4, ["--micro_batch_size", 2, "--gradient_accumulation_steps", 2, "--cp_size", 2, "--tp_size", 2]),
     "tp2_pp2": (4, ["--micro_batch_size", 2, "--gradient_accumulation_steps", 2, "--tp_size", 2, "--pp_size", 2,
                     "--pp_engine", "1f1b"]),
     "cp2_pp2": (4, ["--micro_batch_size", 2, "--gradient_accumulation_steps", 2, "--cp_size", 2, "--pp_size", 2,
                     "--pp_engine", "1f1b"]),
 }
-SAME_LAYOUT = ["baseline", "tp2", "dp2_bucket", "pp2_1f1b", "cp2", "cp2_tp2"]
+# cp 2 alone is not here: cp2_tp2 resumes its context-parallel split, and cp2_pp2 reshards into one
+SAME_LAYOUT = ["baseline", "tp2", "dp2_bucket", "pp2_1f1b", "cp2_tp2"]
 RESHARD = [("tp2_pp2", "baseline"), ("dp2_bucket", "tp2"), ("baseline", "cp2_pp2")]  # (saved in, resumed in)
 
 
@@ -105,7 +105,7 @@ def test_resume_in_the_same_layout_continues_the_same_losses_bit_for_bit(full_ru
     full, save_dir = full_runs[name]
     assert full.returncode == 0, full
     # one file per (pipeline stage, tensor shard): the dp and cp ranks hold copies and do not write
-    files = {"baseline": 1, "tp2": 2, "dp2_bucket": 1, "pp2_1f1b": 2, "cp2": 1, "cp2_tp2": 2}[name]
+    files = {"baseline": 1, "tp2": 2, "dp2_bucket": 1, "pp2_1f1b": 2, "cp2_tp2": 2}[name]
     for checkpoint in ("step_000003", "step_000006"):
         assert len(list((save_dir / checkpoint).glob("pp*_tp*.safetensors"))) == files
         assert (save_dir / checkpoint / "COMPLETE").exists()
@@ -379,9 +379,9 @@ def refusals(full_runs, tmp_path_factory):
     newest.write_bytes(newest.read_bytes()[:100_000])
     (cases["missing_file_in_newest"][0] / "step_000006" / "pp00_tp01.safetensors").unlink()
     # The test process holds the lock as a running training would (the same function, the same file).
-    checkpoint = import_step("step10", "checkpoint")
-    lock = checkpoint.lock_save_dir(str(cases["dir_in_use"][0]))
-    checkpoint.sign_lock(lock)
+    guards = import_step("step10", "save_dir")
+    lock = guards.lock_save_dir(str(cases["dir_in_use"][0]))
+    guards.sign_lock(lock)
 
     def launch(case):
         save_dir, args = cases[case]
@@ -516,7 +516,7 @@ def test_export_of_a_zero_2_checkpoint_loads_in_transformers(zero_runs, tmp_path
     export_and_compare(halfway_copy(save_dir, tmp_path / "ckpt"), tmp_path / "hf")
 
 
-@pytest.mark.parametrize("step", ["step10", "step11"])
+@pytest.mark.parametrize("step", ["step10", "step11", "step12"])
 def test_checkpoints_sort_by_step_number_and_a_cut_short_prune_leaves_none_claiming_to_be_complete(
         step, tmp_path, monkeypatch):
     """step_1000000 is newer than step_999999 (their names sort the other way). Pruning takes each old checkpoint's
@@ -550,10 +550,11 @@ def test_checkpoints_sort_by_step_number_and_a_cut_short_prune_leaves_none_claim
 @contextlib.contextmanager
 def one_rank_run(step):
     """A tiny model after one optimizer step, in a process group of one (gloo) inside this process: yields
-    (the step's checkpoint module, save(save_dir, step_number), the run's settings), saving with the step's own
-    save_checkpoint. A second or so, where a torchrun launch costs ten."""
-    names = ("checkpoint", "process_group_manager", "model", *(("zero",) if step == "step11" else ()))
-    checkpoint, pgm, model_module, *zero = import_step(step, *names)
+    (the step's checkpoint module, save(save_dir, step_number), the run's settings, the step's save_dir module
+    with the guards), saving with the step's own save_checkpoint. A second or so, where a torchrun launch costs
+    ten."""
+    names = ("checkpoint", "save_dir", "process_group_manager", "model", *(("zero",) if step != "step10" else ()))
+    checkpoint, guards, pgm, model_module, *zero = import_step(step, *names)
     config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     config.head_dim = 8
@@ -582,7 +583,7 @@ def one_rank_run(step):
             checkpoint.save_checkpoint(save_dir=str(save_dir), step=number, tokens=16 * number, model=model,
                                        optimizer=optimizer, data_loader=data_loader, run=run, keep_last=2)
 
-        yield checkpoint, save, run
+        yield checkpoint, save, run, guards
     finally:
         dist.destroy_process_group()
 
@@ -613,13 +614,13 @@ def second_file(step, checkpoint, folder, metadata):
     return folder / os.path.basename(checkpoint.checkpoint_file(str(folder), 0, 0, 1))
 
 
-@pytest.mark.parametrize("step", ["step10", "step11"])
+@pytest.mark.parametrize("step", ["step10", "step11", "step12"])
 def test_damaged_data_is_refused_naming_the_file_and_the_checkpoint(step, tmp_path, capsys):
     """Issue 22, item 3: bytes changed inside a tensor, a shard of an older step or of another save, a metadata key
     missing, non-finite values: each is one line naming the file, and --resume refuses before training, naming
     the newest intact checkpoint, touching nothing."""
     pristine = tmp_path / "pristine"
-    with one_rank_run(step) as (checkpoint, save, run):
+    with one_rank_run(step) as (checkpoint, save, run, guards):
         save(pristine, 2)
         save(pristine, 4)
     (name,) = [p.name for p in (pristine / "step_000004").glob("*.safetensors")]
@@ -656,7 +657,7 @@ def test_damaged_data_is_refused_naming_the_file_and_the_checkpoint(step, tmp_pa
         before = tree_digest(save_dir)
         capsys.readouterr()
         with pytest.raises(SystemExit) as stop:
-            checkpoint.check_save_dir(str(save_dir), resume=True, run=run)
+            guards.check_save_dir(str(save_dir), resume=True, run=run)
         assert stop.value.code != 0
         (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
         assert f"the newest checkpoint {save_dir}/step_000004 is damaged ({problem})" in error, error
@@ -664,22 +665,22 @@ def test_damaged_data_is_refused_naming_the_file_and_the_checkpoint(step, tmp_pa
         assert tree_digest(save_dir) == before
 
 
-@pytest.mark.parametrize("step", ["step10", "step11"])
+@pytest.mark.parametrize("step", ["step10", "step11", "step12"])
 def test_resume_says_it_skips_a_cut_short_save_and_refuses_another_config_or_tokenizer(step, tmp_path, capsys):
     """The newest folder without COMPLETE is named; a checkpoint from a model whose config (rms_norm_eps, say) or
     tokenizer differs is refused naming them; a config that differs only in a name (`_name_or_path`) is not."""
-    with one_rank_run(step) as (checkpoint, save, run):
+    with one_rank_run(step) as (checkpoint, save, run, guards):
         save(tmp_path, 2)
     (tmp_path / "step_000003").mkdir()  # a save cut short
     capsys.readouterr()
-    assert checkpoint.check_save_dir(str(tmp_path), resume=True, run=run) == str(tmp_path / "step_000002")
+    assert guards.check_save_dir(str(tmp_path), resume=True, run=run) == str(tmp_path / "step_000002")
     assert f"warning: --resume: {tmp_path}/step_000003 is skipped: it has no COMPLETE" in capsys.readouterr().err
 
     renamed = {**run, "config": {**run["config"], "_name_or_path": "/mnt/other/tiny_llama"}}
-    assert checkpoint.check_save_dir(str(tmp_path), resume=True, run=renamed) == str(tmp_path / "step_000002")
+    assert guards.check_save_dir(str(tmp_path), resume=True, run=renamed) == str(tmp_path / "step_000002")
     changed = {**run, "tokenizer": "0" * 16, "config": {**run["config"], "rms_norm_eps": 1e-3}}
     with pytest.raises(SystemExit):
-        checkpoint.check_save_dir(str(tmp_path), resume=True, run=changed)
+        guards.check_save_dir(str(tmp_path), resume=True, run=changed)
     (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert "is from another run" in error and f"tokenizer {run['tokenizer']!r} vs '{'0' * 16}'" in error, error
     assert f"config.rms_norm_eps {run['config']['rms_norm_eps']!r} vs 0.001" in error, error
@@ -687,7 +688,7 @@ def test_resume_says_it_skips_a_cut_short_save_and_refuses_another_config_or_tok
 
 
 def test_a_step_10_checkpoint_from_before_checksums_loads_unverified_in_step_11(tmp_path, capsys):
-    with one_rank_run("step11") as (checkpoint, save, run):
+    with one_rank_run("step11") as (checkpoint, save, run, guards):
         save(tmp_path, 2)
     folder = tmp_path / "step_000002"
 
@@ -700,17 +701,17 @@ def test_a_step_10_checkpoint_from_before_checksums_loads_unverified_in_step_11(
     rewrite(folder / "pp00_tp00_shard00.safetensors", as_step_10_wrote_it)
     (folder / "pp00_tp00_shard00.safetensors").rename(folder / "pp00_tp00.safetensors")
     capsys.readouterr()
-    assert checkpoint.check_save_dir(str(tmp_path), resume=True, run=run) == str(folder)
+    assert guards.check_save_dir(str(tmp_path), resume=True, run=run) == str(folder)
     assert f"warning: --resume: {folder} is in step 10's format from before checksums: loaded unverified" in \
         capsys.readouterr().err
 
 
-@pytest.mark.parametrize("step", ["step10", "step11"])
+@pytest.mark.parametrize("step", ["step10", "step11", "step12"])
 def test_a_save_reaches_the_disk_before_complete_and_a_full_disk_removes_the_partial_save(
         step, tmp_path, monkeypatch, capsys):
     """fsync each file before its rename, then the folder; COMPLETE after, itself fsynced, then the folder again.
     A write that fails for want of space is one line; the partial folder goes, the earlier checkpoint stays."""
-    with one_rank_run(step) as (checkpoint, save, run):
+    with one_rank_run(step) as (checkpoint, save, run, guards):
         events = []
         real_fsync, real_replace = checkpoint.fsync, os.replace
         monkeypatch.setattr(checkpoint, "fsync", lambda path: (events.append(("fsync", os.path.basename(path))),
@@ -739,15 +740,15 @@ def test_a_save_reaches_the_disk_before_complete_and_a_full_disk_removes_the_par
     assert checkpoint.damage(str(tmp_path / "step_000002")) is None
 
 
-@pytest.mark.parametrize("step", ["step10", "step11"])
+@pytest.mark.parametrize("step", ["step10", "step11", "step12"])
 def test_save_dir_guards_lock_first_write_to_prove_writable_and_name_a_file(step, tmp_path, monkeypatch, capsys):
     """The lock is taken before the checks (a run on a used directory another run holds is told it is in use);
     writability is proven by writing (an existing lock file opens for appending in a read-only directory);
     a --save_dir that is a file is said so; a filesystem without flock is a warning, not a traceback."""
-    train, checkpoint = import_step(step, "train", "checkpoint")
+    train, guards = import_step(step, "train", "save_dir")
     used = tmp_path / "used"
     (used / "step_000002").mkdir(parents=True)
-    held = checkpoint.lock_save_dir(str(used))
+    held = guards.lock_save_dir(str(used))
     monkeypatch.setattr(sys, "argv", ["train.py", "--save_dir", str(used)])
     with pytest.raises(SystemExit):
         train.main()  # a fresh run into a used directory that another run holds: the lock speaks first
@@ -761,19 +762,19 @@ def test_save_dir_guards_lock_first_write_to_prove_writable_and_name_a_file(step
             raise PermissionError(30, "Read-only file system", path)
         return real_open(path, mode, *args, **kwargs)
 
-    (tmp_path / "read_only" / checkpoint.LOCK).parent.mkdir()
-    (tmp_path / "read_only" / checkpoint.LOCK).write_text("pid 1\n")
-    monkeypatch.setattr(checkpoint, "open", read_only_directory, raising=False)
+    (tmp_path / "read_only" / guards.LOCK).parent.mkdir()
+    (tmp_path / "read_only" / guards.LOCK).write_text("pid 1\n")
+    monkeypatch.setattr(guards, "open", read_only_directory, raising=False)
     with pytest.raises(SystemExit):
-        checkpoint.lock_save_dir(str(tmp_path / "read_only"))
+        guards.lock_save_dir(str(tmp_path / "read_only"))
     assert f"error: cannot write to --save_dir {tmp_path / 'read_only'}: [Errno 30] Read-only file system" in \
         capsys.readouterr().err
     monkeypatch.undo()
 
     a_file = tmp_path / "a_file"
     a_file.write_text("")
-    for guard in (lambda: checkpoint.lock_save_dir(str(a_file)),
-                  lambda: checkpoint.check_save_dir(str(a_file), resume=False, run={})):
+    for guard in (lambda: guards.lock_save_dir(str(a_file)),
+                  lambda: guards.check_save_dir(str(a_file), resume=False, run={})):
         with pytest.raises(SystemExit):
             guard()
         assert f"error: --save_dir {a_file} is a file, not a directory" in capsys.readouterr().err
@@ -781,31 +782,31 @@ def test_save_dir_guards_lock_first_write_to_prove_writable_and_name_a_file(step
     def no_flock(*args):
         raise OSError(38, "Function not implemented")
 
-    monkeypatch.setattr(checkpoint.fcntl, "flock", no_flock)
-    checkpoint.lock_save_dir(str(tmp_path / "nfs")).close()
+    monkeypatch.setattr(guards.fcntl, "flock", no_flock)
+    guards.lock_save_dir(str(tmp_path / "nfs")).close()
     (warning,) = capsys.readouterr().err.splitlines()
     assert warning == f"warning: cannot lock --save_dir {tmp_path / 'nfs'} (Function not implemented): a second " \
                       f"run on it would not be refused"
 
 
-@pytest.mark.parametrize("step", ["step10", "step11"])
+@pytest.mark.parametrize("step", ["step10", "step11", "step12"])
 def test_a_save_dir_that_a_rank_cannot_see_is_refused_naming_the_rank(step, tmp_path, monkeypatch, capsys):
     """Issue 22, item 2: a --save_dir path that names a local folder on each node. Here the one rank is made blind to
     the token file that global rank 0 writes; a rank that sees it passes, and the token is gone afterwards."""
-    with one_rank_run(step) as (checkpoint, _, _):
-        checkpoint.check_every_rank_sees(str(tmp_path))
+    with one_rank_run(step) as (checkpoint, _, _, guards):
+        guards.check_every_rank_sees(str(tmp_path))
         assert list(tmp_path.iterdir()) == []
         real_open = open
 
         def another_node(path, mode="r", *args, **kwargs):  # reads see that node's own, empty, directory
-            if mode == "r" and os.path.basename(path) == checkpoint.SEEN_BY_EVERY_RANK:
+            if mode == "r" and os.path.basename(path) == guards.SEEN_BY_EVERY_RANK:
                 raise FileNotFoundError(2, "No such file or directory", path)
             return real_open(path, mode, *args, **kwargs)
 
-        monkeypatch.setattr(checkpoint, "open", another_node, raising=False)
+        monkeypatch.setattr(guards, "open", another_node, raising=False)
         capsys.readouterr()
         with pytest.raises(SystemExit):
-            checkpoint.check_every_rank_sees(str(tmp_path))
+            guards.check_every_rank_sees(str(tmp_path))
     (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert f"--save_dir {tmp_path} is not one directory that every rank sees: rank(s) 0 cannot read" in error, error
     assert list(tmp_path.iterdir()) == []
@@ -830,7 +831,7 @@ def check_on_two_nodes(train, utils, monkeypatch, rank_0_flags, rank_1_flags):
     utils.check_same_settings(*settings_of(rank_0_flags))
 
 
-@pytest.mark.parametrize("step", ["step10", "step11"])
+@pytest.mark.parametrize("step", ["step10", "step11", "step12"])
 def test_ranks_compare_what_they_train_on_not_how_it_is_named(step, tmp_path, monkeypatch, capsys):
     """Issue 22, item 1: the model and dataset directories reached by another path (a symlink: another mount point
     on another node) and per-node output flags are the same run; another seed, or a tokenizer whose files differ,

@@ -92,13 +92,14 @@ def train(zero_stage, dtype, live_buffers):
 
 
 def train_fsdp(dtype):
-    """Step 12: stage 2 and stage 3 from the same weights on the same tokens (4 layers: 6 units)."""
+    """Step 12: stage 2 and stage 3, and step 11's stage 2, from the same weights on the same tokens (4 layers:
+    6 units)."""
     config = tiny_config(num_hidden_layers=4)
     models = {}
-    for zero_stage in (2, 3):
+    for key, module, zero_stage in (("step11_zero2", zero, 2), (2, zero12, 2), (3, zero12, 3)):
         torch.manual_seed(0)
-        model = zero12.ZeroDataParallel(Llama(config).to(dtype), zero_stage=zero_stage, bucket_size_mb=0.5)
-        models[zero_stage] = model, zero12.ZeroAdamW(model, lr=1e-3)
+        model = module.ZeroDataParallel(Llama(config).to(dtype), zero_stage=zero_stage, bucket_size_mb=0.5)
+        models[key] = model, module.ZeroAdamW(model, lr=1e-3)
     units = models[3][0].buckets
     whole = lambda: sum(unit.param_buffer.untyped_storage().size() > 0 for unit in units)  # noqa: E731
     most_whole = [0]
@@ -108,7 +109,7 @@ def train_fsdp(dtype):
             original(bucket)
             most_whole[0] = max(most_whole[0], whole())
         setattr(zero12.ShardedBucket, name, counted)
-    losses = {2: [], 3: []}
+    losses = {key: [] for key in models}
     whole_after_step = []
     for zero_stage, (model, optimizer) in models.items():
         generator = torch.Generator().manual_seed(1 + dist.get_rank())
@@ -118,7 +119,8 @@ def train_fsdp(dtype):
                 whole_after_step.append(whole())
     for name, original in originals.items():
         setattr(zero12.ShardedBucket, name, original)
-    return {"losses_zero2": losses[2], "losses_zero3": losses[3], "units": len(units),
+    return {"losses_zero2": losses[2], "losses_zero3": losses[3], "losses_step11_zero2": losses["step11_zero2"],
+            "units": len(units),
             "most_units_whole_at_once": most_whole[0], "units_whole_after_each_step": whole_after_step,
             "param_shard": [unit.param_shard.numel() for unit in units], "padded": [unit.padded_numel for unit in units],
             "param_buffer_bytes_after_step": sum(unit.param_buffer.untyped_storage().size() for unit in units)}

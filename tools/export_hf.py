@@ -4,7 +4,7 @@ config.json (the run's model config, layer and head overrides included), the tok
     python tools/export_hf.py runs/ckpt runs/tiny_llama_trained
     python -c "from transformers import LlamaForCausalLM; LlamaForCausalLM.from_pretrained('runs/tiny_llama_trained')"
 
-The weights are assembled exactly as a resume assembles them (step11_zero/checkpoint.py): every tensor
+The weights are assembled exactly as a resume assembles them (step12_fsdp/checkpoint.py): every tensor
 from the tensor-parallel pieces of the files that hold it, the pipeline stages' layers under their global
 indices. The optimizer state stays behind.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, LlamaConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "step11_zero"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "step12_fsdp"))
 from checkpoint import complete_checkpoints, damage, read_full_tensors, read_metadata  # noqa: E402
 from utils import fail  # noqa: E402
 

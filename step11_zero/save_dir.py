@@ -1,0 +1,156 @@
+"""The guards of --save_dir: what keeps a run from losing or mixing up another one before anything is written.
+
+    claim_save_dir        global rank 0 locks the directory for the run (first: two runs started together cannot
+                          both pass the checks), every rank checks what is in it, rank 0 signs the lock
+    check_every_rank_sees after init_distributed: every rank sees the same directory (a token file)
+
+The checkpoint format they read (complete_checkpoints, damage, read_metadata) is checkpoint.py's.
+"""
+import atexit
+import contextlib
+import fcntl
+import os
+import secrets
+
+import torch.distributed as dist
+
+from checkpoint import COMPLETE, complete_checkpoints, damage, read_metadata, run_differences, step_folders
+from utils import fail, warn
+
+LOCK = ".lock"
+SEEN_BY_EVERY_RANK = ".seen_by_every_rank"  # written by global rank 0 at start-up, read by every rank, removed
+
+
+def claim_save_dir(save_dir, resume, run):
+    """Lock (global rank 0), check (every rank, the same verdict), sign the lock (rank 0). Returns the checkpoint to
+    resume from (None for a fresh run) and the lock, which lasts as long as the returned file stays open: keep it
+    for the whole run (None on the other ranks)."""
+    lock = lock_save_dir(save_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+    resume_from = check_save_dir(save_dir, resume, run)
+    if lock is not None:
+        sign_lock(lock)
+    return resume_from, lock
+
+
+def save_dir_is_a_file(save_dir):
+    if os.path.exists(save_dir) and not os.path.isdir(save_dir):
+        fail(f"--save_dir {save_dir} is a file, not a directory: choose a directory")
+
+
+def check_save_dir(save_dir, resume, run):
+    """Refuse, before anything is written, a run that would lose or mix up another one. Every rank reads the
+    same files and reaches the same verdict. Returns the checkpoint to resume from (None for a fresh run)."""
+    save_dir_is_a_file(save_dir)
+    used = sorted(n for n in os.listdir(save_dir) if not n.startswith(".")) if os.path.isdir(save_dir) else []
+    if not resume:
+        if used:
+            fail(f"--save_dir {save_dir} is not empty (it holds {', '.join(used[:3])}{', ...' if len(used) > 3 else ''}): "
+                 f"continue its run with --resume, or choose another --save_dir")
+        return None
+    checkpoints = complete_checkpoints(save_dir)
+    if not checkpoints:
+        fail(f"--resume: no complete checkpoint in --save_dir {save_dir}")
+    newest = checkpoints[-1]
+    cut_short = step_folders(save_dir)[-1]
+    if cut_short != newest:
+        warn(f"--resume: {cut_short} is skipped: it has no {COMPLETE} (a save cut short)")
+    problem = damage(newest)
+    if problem:
+        # Refused rather than falling back: the older checkpoint would silently cost the steps since, and the
+        # damage (a disk, a copy, a hand) deserves a look before this run saves over anything.
+        intact = [c for c in checkpoints[:-1] if damage(c) is None]
+        fail(f"--resume: the newest checkpoint {newest} is damaged ({problem}); " +
+             (f"the newest intact one is {intact[-1]}: move {newest} out of --save_dir to resume from it"
+              if intact else "no older checkpoint is intact"))
+    saved = read_metadata(newest)
+    if "sha256" not in saved:
+        warn(f"--resume: {newest} is in step 10's format from before checksums: loaded unverified")
+    differing = run_differences(saved["run"], run)
+    if differing:
+        fail(f"--resume: {newest} is from another run; checkpoint vs this run: {'; '.join(differing)}. "
+             f"Resume with the checkpoint's settings, or start a fresh run in another --save_dir")
+    if saved["run"]["learning_rate"] != run["learning_rate"] and int(os.environ.get("RANK", "0")) == 0:
+        print(f"--learning_rate {run['learning_rate']} replaces the checkpoint's {saved['run']['learning_rate']} "
+              f"from here on", flush=True)
+    return newest
+
+
+def lock_save_dir(save_dir):
+    """Hold an exclusive lock on save_dir for as long as the returned file stays open (the operating system
+    drops it when the process ends, even on SIGKILL), so a second run on the directory is refused instead of
+    overwriting this one. Called before check_save_dir, so two runs started together cannot both pass it. Then
+    writes, syncs and removes a file: the proof that save_dir is writable (opening the existing lock file
+    proves nothing: it opens in a read-only directory)."""
+    save_dir_is_a_file(save_dir)
+    lock_path = os.path.join(save_dir, LOCK)
+    created = [path for path in (save_dir, lock_path) if not os.path.exists(path)]
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+        lock = open(lock_path, "a+")
+    except OSError as error:
+        fail(f"cannot write to --save_dir {save_dir}: {error}")
+    # Until sign_lock claims the directory, what the lock created goes again at exit: a refused run leaves nothing.
+    atexit.register(remove_unclaimed, created)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        fail(f"--save_dir {save_dir} is in use by another run ({lock.read().strip() or 'pid unknown'}): "
+             f"wait for it to end, or choose another --save_dir")
+    except OSError as error:  # some network filesystems (NFS, Lustre mounts) have no flock
+        warn(f"cannot lock --save_dir {save_dir} ({error.strerror or error}): a second run on it would not be refused")
+    try:
+        probe = os.path.join(save_dir, f".write_probe_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("writable\n")
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as error:
+        fail(f"cannot write to --save_dir {save_dir}: {error}")
+    return lock
+
+
+def check_every_rank_sees(save_dir):
+    """--save_dir must be one directory that every rank sees: a path that names a local folder on each node would
+    let every save "succeed" and a resume find the other nodes' files missing. Global rank 0 writes a random token
+    there, every rank reads it back, and the verdicts are gathered, so every rank stops together. A collective:
+    after init_distributed."""
+    token_path = os.path.join(save_dir, SEEN_BY_EVERY_RANK)
+    token = [secrets.token_hex(8)]
+    dist.broadcast_object_list(token, src=0)
+    if dist.get_rank() == 0:
+        with open(token_path, "w") as f:
+            f.write(token[0])
+    dist.barrier()  # written, and closed: a network filesystem shows it to a reader that opens it from now on
+    try:
+        with open(token_path) as f:
+            sees = f.read() == token[0]
+    except OSError:
+        sees = False
+    verdicts = [None] * dist.get_world_size()
+    dist.all_gather_object(verdicts, sees)
+    if dist.get_rank() == 0:
+        os.remove(token_path)
+    blind = [rank for rank, sees in enumerate(verdicts) if not sees]
+    if blind:
+        fail(f"--save_dir {save_dir} is not one directory that every rank sees: rank(s) {', '.join(map(str, blind))} "
+             f"cannot read the file global rank 0 wrote there (a path local to each node?): give a directory on a "
+             f"filesystem that every node shares")
+
+
+def remove_unclaimed(created):
+    """What lock_save_dir created (the lock file, then the folder), where no run claimed it."""
+    for path in reversed(created):
+        with contextlib.suppress(OSError):
+            if os.path.isdir(path):
+                os.rmdir(path)  # only if empty
+            else:
+                os.remove(path)
+
+
+def sign_lock(lock):
+    """Write this run's pid into the lock, once the checks passed (a refused run leaves the file as it was)."""
+    atexit.unregister(remove_unclaimed)
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()}\n")
+    lock.flush()
