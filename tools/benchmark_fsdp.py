@@ -17,7 +17,6 @@ alone (ours: one flat tensor per unit; FSDP2: one DTensor per parameter).
     python tools/benchmark_fsdp.py --json           # one JSON object: ours_step_s, torch_step_s, max_abs_dloss
                                                     # (and the losses, and the optimizer step's share of each)
 """
-import argparse
 import json
 import os
 import statistics
@@ -35,7 +34,7 @@ from torch.distributed.fsdp import fully_shard
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
-from benchmark_zero import cpu_name, model_config  # noqa: E402  (puts step12_fsdp on the path)
+from benchmark_zero import cpu_name, model_arguments, model_config  # noqa: E402  (puts step12_fsdp on the path)
 import process_group_manager as pgm  # noqa: E402
 from model import Llama  # noqa: E402
 from zero import ZeroAdamW, ZeroDataParallel  # noqa: E402
@@ -47,14 +46,7 @@ DP_SIZE = 2
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name", default=str(ROOT / "assets" / "tiny_llama"), help="config to start from")
-    parser.add_argument("--hidden_size", type=int, default=256)
-    parser.add_argument("--intermediate_size", type=int, default=768)
-    parser.add_argument("--num_hidden_layers", type=int, default=40)
-    parser.add_argument("--vocab_size", type=int, default=512)
-    parser.add_argument("--seq_len", type=int, default=64)
-    parser.add_argument("--micro_batch_size", type=int, default=1)
+    parser = model_arguments(__doc__)
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps (after 1 warm-up step)")
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

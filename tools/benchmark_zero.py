@@ -81,15 +81,23 @@ STAGES = (0, 1, 2, 3)
 MB = 2**20
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def model_arguments(description, hidden_size=256, intermediate_size=768, num_hidden_layers=40, vocab_size=512,
+                    seq_len=64, micro_batch_size=1):
+    """A parser with the model-size flags that model_config reads (shared by benchmark_fsdp.py, fsdp_timeline.py):
+    by default 31.7M parameters in 40 layers of hidden 256, so that no single parameter is large."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name", default=str(ROOT / "assets" / "tiny_llama"), help="config to start from")
-    parser.add_argument("--hidden_size", type=int, default=256)
-    parser.add_argument("--intermediate_size", type=int, default=768)
-    parser.add_argument("--num_hidden_layers", type=int, default=40)
-    parser.add_argument("--vocab_size", type=int, default=512)
-    parser.add_argument("--seq_len", type=int, default=64)
-    parser.add_argument("--micro_batch_size", type=int, default=1)
+    parser.add_argument("--hidden_size", type=int, default=hidden_size)
+    parser.add_argument("--intermediate_size", type=int, default=intermediate_size)
+    parser.add_argument("--num_hidden_layers", type=int, default=num_hidden_layers)
+    parser.add_argument("--vocab_size", type=int, default=vocab_size)
+    parser.add_argument("--seq_len", type=int, default=seq_len)
+    parser.add_argument("--micro_batch_size", type=int, default=micro_batch_size)
+    return parser
+
+
+def parse_args():
+    parser = model_arguments(__doc__)
     parser.add_argument("--gradient_accumulation_steps", type=int, default=2)
     parser.add_argument("--bucket_size_mb", type=float, default=0.5, help="ours and DDP's bucket_cap_mb")
     parser.add_argument("--dp_sizes", type=int, nargs="+", default=[1, 2, 4])

@@ -11,7 +11,6 @@ below counts the units whose full buffer holds memory at each moment, being gath
 than two: one computes while the next is gathered). The step measured is the second of the
 run, after a warm-up step; the times are rank 0's.
 """
-import argparse
 import json
 import os
 import sys
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
-from benchmark_zero import model_config  # noqa: E402  (puts step12_fsdp on the path)
+from benchmark_zero import model_arguments, model_config  # noqa: E402  (puts step12_fsdp on the path)
 import process_group_manager as pgm  # noqa: E402
 import zero  # noqa: E402
 from model import Llama  # noqa: E402
@@ -38,14 +37,8 @@ DP_SIZE = 2
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name", default=str(ROOT / "assets" / "tiny_llama"), help="config to start from")
-    parser.add_argument("--hidden_size", type=int, default=512)
-    parser.add_argument("--intermediate_size", type=int, default=1536)
-    parser.add_argument("--num_hidden_layers", type=int, default=6)
-    parser.add_argument("--vocab_size", type=int, default=4096)
-    parser.add_argument("--seq_len", type=int, default=256)
-    parser.add_argument("--micro_batch_size", type=int, default=2)
+    parser = model_arguments(__doc__, hidden_size=512, intermediate_size=1536, num_hidden_layers=6, vocab_size=4096,
+                             seq_len=256, micro_batch_size=2)
     parser.add_argument("--out", default=str(ROOT / "assets" / "fsdp_timeline.png"))
     parser.add_argument("--json", action="store_true", help="also print the events as JSON")
     return parser.parse_args()
