@@ -39,26 +39,27 @@ from safetensors.torch import save_file
 import process_group_manager as pgm
 from pipeline_parallel import stage_layer_range
 from tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from utils import NOT_MATH, fail, tokenizer_fingerprint
+from utils import NOT_MATH, fail, files_fingerprint, tokenizer_fingerprint
 
 COMPLETE = "COMPLETE"
 ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "tie_word_embeddings")
 # A resume must match all of these, and every config value that enters the model: otherwise the weights or the
 # data position would mean something else.
-SAME_RUN = ("seq_len", "global_batch_size", "dataset_name", "seed", "tokenizer", *ARCHITECTURE)
+SAME_RUN = ("seq_len", "global_batch_size", "dataset", "seed", "tokenizer", *ARCHITECTURE)
 # What every file's metadata holds, and its run settings; a checkpoint that lacks one is refused, naming it.
 METADATA_KEYS = ("step", "tokens", "run", "data", "tp_split", "layout", "save_id", "sha256")
 RUN_KEYS = (*SAME_RUN, "learning_rate", "model_name", "config")
 
 
 def run_settings(args, config):
-    """What identifies this run (SAME_RUN and the config), the learning rate, and what an export needs (config,
-    tokenizer)."""
+    """What identifies this run (SAME_RUN and the config: the dataset and the tokenizer by their content), the
+    learning rate, and what an export needs (config, tokenizer)."""
     def where(name):  # a local directory by its real path, however it was spelled
         return os.path.realpath(name) if os.path.isdir(name) else name
 
-    return {"seq_len": args.seq_len, "seed": args.seed, "dataset_name": where(args.dataset_name),
+    return {"seq_len": args.seq_len, "seed": args.seed, "dataset": files_fingerprint(args.dataset_name),
+            "dataset_name": where(args.dataset_name),
             "global_batch_size": args.micro_batch_size * args.gradient_accumulation_steps * args.dp_size,
             "tokenizer": tokenizer_fingerprint(args.model_name), **{name: getattr(config, name) for name in ARCHITECTURE},
             "learning_rate": args.learning_rate, "model_name": where(args.model_name), "config": config.to_dict()}

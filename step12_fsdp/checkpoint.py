@@ -47,26 +47,27 @@ from safetensors.torch import save_file
 import process_group_manager as pgm
 from pipeline_parallel import stage_layer_range
 from tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from utils import NOT_MATH, fail, tokenizer_fingerprint
+from utils import NOT_MATH, fail, files_fingerprint, tokenizer_fingerprint
 
 COMPLETE = "COMPLETE"
 ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "tie_word_embeddings")
 # A resume must match all of these, and every config value that enters the model: otherwise the weights or the
 # data position would mean something else.
-SAME_RUN = ("seq_len", "global_batch_size", "dataset_name", "seed", "tokenizer", *ARCHITECTURE)
+SAME_RUN = ("seq_len", "global_batch_size", "dataset", "seed", "tokenizer", *ARCHITECTURE)
 # What every file's metadata holds, and its run settings; a checkpoint that lacks one is refused, naming it.
 METADATA_KEYS = ("step", "tokens", "run", "data", "tp_split", "layout", "save_id", "sha256")
 RUN_KEYS = (*SAME_RUN, "learning_rate", "model_name", "config")
 
 
 def run_settings(args, config):
-    """What identifies this run (SAME_RUN and the config), the learning rate, and what an export needs (config,
-    tokenizer)."""
+    """What identifies this run (SAME_RUN and the config: the dataset and the tokenizer by their content), the
+    learning rate, and what an export needs (config, tokenizer)."""
     def where(name):  # a local directory by its real path, however it was spelled
         return os.path.realpath(name) if os.path.isdir(name) else name
 
-    return {"seq_len": args.seq_len, "seed": args.seed, "dataset_name": where(args.dataset_name),
+    return {"seq_len": args.seq_len, "seed": args.seed, "dataset": files_fingerprint(args.dataset_name),
+            "dataset_name": where(args.dataset_name),
             "global_batch_size": args.micro_batch_size * args.gradient_accumulation_steps * args.dp_size,
             "tokenizer": tokenizer_fingerprint(args.model_name), **{name: getattr(config, name) for name in ARCHITECTURE},
             "learning_rate": args.learning_rate, "model_name": where(args.model_name), "config": config.to_dict()}
@@ -74,9 +75,10 @@ def run_settings(args, config):
 
 def run_differences(saved, run):
     """What differs between a checkpoint's run and this one, as 'name saved vs this' (empty for the same run).
-    A step 10 checkpoint saved before tokenizer fingerprints has none to compare."""
+    A step 10 checkpoint saved before fingerprints has none to compare: its dataset is compared by real path."""
     run = json.loads(json.dumps(run))  # as the checkpoint holds it: tuples as lists
-    names = [name for name in SAME_RUN if name in saved or name != "tokenizer"]
+    names = [name for name in SAME_RUN if name in saved or name not in ("tokenizer", "dataset")]
+    names += [] if "dataset" in saved else ["dataset_name"]
     differing = [f"{name} {saved.get(name)!r} vs {run[name]!r}" for name in names if saved.get(name) != run[name]]
     config = run["config"]
     for key in sorted(set(saved["config"]) | set(config)):
@@ -157,7 +159,7 @@ def file_damage(path, step, save_id):
         legacy = "sha256" not in metadata and layout and "shards" not in layout
         missing = [key for key in METADATA_KEYS if key not in metadata and not (legacy and key in ("save_id", "sha256"))]
         missing += [f"run.{key}" for key in RUN_KEYS if key not in metadata.get("run", {})
-                    and not (legacy and key == "tokenizer")]
+                    and not (legacy and key in ("tokenizer", "dataset"))]
         if missing:
             return f"its metadata lacks the key {missing[0]!r}"
         if metadata["step"] != step:

@@ -155,6 +155,8 @@ NOT_MATH = ("_name_or_path", "transformers_version", "architectures", "dtype", "
 # (--save_dir is compared by what it is: checkpoint.check_every_rank_sees.)
 OUTPUT_ONLY = ("metrics_file", "run_name", "use_wandb", "num_workers", "num_proc", "omp_num_threads",
                "tokenizers_parallelism", "timeout_s", "peak_tflops", "save_dir")
+# Flags that name files whose content enters the training: compared by that content.
+BY_CONTENT = ("dataset_name", "init_from_hf")
 # The files that turn text into token ids, in whichever of them a tokenizer comes.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt")
@@ -181,14 +183,15 @@ def tokenizer_fingerprint(model_name):
     return digest.hexdigest()[:16]
 
 
-def dataset_fingerprint(dataset_name):
-    """sha256 of a local dataset's files (their paths inside it and their bytes), the same whatever path names it;
-    a hub name stands for its own content."""
-    if not os.path.exists(dataset_name):
-        return f"name:{dataset_name}"
-    top = dataset_name if os.path.isdir(dataset_name) else os.path.dirname(dataset_name)
-    files = [dataset_name] if os.path.isfile(dataset_name) else sorted(
-        os.path.join(folder, name) for folder, _, names in os.walk(dataset_name) for name in names)
+@functools.lru_cache(maxsize=None)
+def files_fingerprint(path):
+    """sha256 of a local file or directory's files (their paths inside it and their bytes), the same whatever path
+    names it; a hub name stands for its own content, and no path (None) for itself."""
+    if path is None or not os.path.exists(path):
+        return path and f"name:{path}"
+    top = path if os.path.isdir(path) else os.path.dirname(path)
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names)
     digest = hashlib.sha256()
     for path in files:
         with open(path, "rb") as f:
@@ -226,12 +229,13 @@ def check_same_settings(args, config):
     """Every rank must train with the same settings, or the data-parallel copies silently drift apart (two
     machines started with different --seed, say). A collective at start-up compares what changes the training:
     every flag but the output-only ones, every config value that enters the model, and the tokenizer and the
-    dataset by their content, not by the path that names them (a symlink, another mount point on another node)."""
+    files that the BY_CONTENT flags name by their content, not by the path that names them (a symlink, another
+    mount point on another node)."""
     settings = {**{f"--{name}": value for name, value in vars(args).items()
-                   if name not in (*OUTPUT_ONLY, "model_name", "dataset_name")},
+                   if name not in (*OUTPUT_ONLY, *BY_CONTENT, "model_name")},
                 **{f"config.{name}": value for name, value in config.to_dict().items() if name not in NOT_MATH},
                 "the tokenizer files of --model_name": tokenizer_fingerprint(args.model_name),
-                "the files of --dataset_name": dataset_fingerprint(args.dataset_name)}
+                **{f"the files of --{name}": files_fingerprint(getattr(args, name)) for name in BY_CONTENT}}
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, settings)
     differences = []

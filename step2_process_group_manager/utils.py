@@ -134,6 +134,14 @@ def load_config(args):
     return config
 
 
+# Config keys that name, describe or serve generation, and never enter the math of a training step.
+NOT_MATH = ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "use_cache",
+            "output_hidden_states", "output_attentions", "return_dict", "id2label", "label2id", "problem_type",
+            "chunk_size_feed_forward", "is_encoder_decoder", "pad_token_id", "bos_token_id", "eos_token_id")
+# Flags that say how fast a rank runs: naturally different per node, the same math.
+OUTPUT_ONLY = ("omp_num_threads", "tokenizers_parallelism", "timeout_s")
+
+
 def init_distributed(device, timeout_s):
     """Join the job's process group. torchrun says in the environment where the peers are; a plain
     `python train.py` is a job of one process. A collective that waits more than timeout_s seconds for a peer
@@ -162,9 +170,12 @@ def peer_failures_end_the_run():
 
 def check_same_settings(args, config):
     """Every rank must train with the same settings, or the data-parallel copies silently drift apart (two
-    machines started with different --seed, say). A collective at start-up compares them."""
-    settings = {**{f"--{name}": value for name, value in vars(args).items()},
-                **{f"config.{name}": value for name, value in config.to_dict().items()}}
+    machines started with different --seed, say). A collective at start-up compares what changes the training:
+    every flag but the output-only ones, and the model by every config value that enters it, not by the path
+    that names it (a symlink, another mount point on another node)."""
+    settings = {**{f"--{name}": value for name, value in vars(args).items()
+                   if name not in (*OUTPUT_ONLY, "model_name")},
+                **{f"config.{name}": value for name, value in config.to_dict().items() if name not in NOT_MATH}}
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, settings)
     differences = []

@@ -337,7 +337,7 @@ def train_py(tmp_path, *args):
 
 
 REFUSALS = {  # case: what the one error line must say ({save_dir} and {pid} filled in)
-    "another_run": ["is from another run", "seq_len 32 vs 64", "dataset_name", "seed 42 vs 7",
+    "another_run": ["is from another run", "seq_len 32 vs 64", "'name:roneneldan/TinyStories'", "seed 42 vs 7",
                     "num_hidden_layers 3 vs 2"],
     "another_global_batch": ["is from another run; checkpoint vs this run: global_batch_size 4 vs 2. Resume"],
     "fresh_run_into_a_used_dir": ["--save_dir {save_dir} is not empty (it holds step_000003, step_000006)",
@@ -697,6 +697,7 @@ def test_a_step_10_checkpoint_from_before_checksums_loads_unverified_in_step_11(
             metadata.pop(key)
         metadata["layout"].pop("shards")
         metadata["run"].pop("tokenizer")
+        metadata["run"].pop("dataset")
 
     rewrite(folder / "pp00_tp00_shard00.safetensors", as_step_10_wrote_it)
     (folder / "pp00_tp00_shard00.safetensors").rename(folder / "pp00_tp00.safetensors")
@@ -831,32 +832,76 @@ def check_on_two_nodes(train, utils, monkeypatch, rank_0_flags, rank_1_flags):
     utils.check_same_settings(*settings_of(rank_0_flags))
 
 
-@pytest.mark.parametrize("step", ["step10", "step11", "step12"])
+@pytest.mark.parametrize("step", [f"step{n}" for n in range(2, 13)])
 def test_ranks_compare_what_they_train_on_not_how_it_is_named(step, tmp_path, monkeypatch, capsys):
-    """Issue 22, item 1: the model and dataset directories reached by another path (a symlink: another mount point
-    on another node) and per-node output flags are the same run; another seed, or a tokenizer whose files differ,
-    is not, and is one line naming it."""
+    """Issue 22, item 1, in every step that has the check (2 on): the model and dataset directories reached by
+    another path (a symlink: another mount point on another node) and per-node output flags are the same run;
+    another seed, or a tokenizer whose files differ, is not, and is one line naming it. Step 2 trains on random
+    tokens: it has no --dataset_name, no output flags, and its model is compared by its config alone."""
     train, utils = import_step(step, "train", "utils")
     model_link, data_link = tmp_path / "model_link", tmp_path / "data_link"
     model_link.symlink_to(ROOT / "assets" / "tiny_llama")
     data_link.symlink_to(ROOT / "assets" / "tiny_stories")
-    node_0 = ["--metrics_file", tmp_path / "node0.jsonl", "--run_name", "node0"]
-    node_1 = ["--model_name", model_link, "--dataset_name", data_link, "--metrics_file", tmp_path / "node1.jsonl",
-              "--run_name", "node1", "--num_workers", 2, "--omp_num_threads", 2, "--timeout_s", 60]
+    has_data = step != "step2"
+    node_0 = ["--metrics_file", tmp_path / "node0.jsonl", "--run_name", "node0"] if has_data else []
+    node_1 = ["--model_name", model_link, "--omp_num_threads", 2, "--timeout_s", 60]
+    if has_data:
+        node_1 += ["--dataset_name", data_link, "--metrics_file", tmp_path / "node1.jsonl", "--run_name", "node1",
+                   "--num_workers", 2]
+    same_weights = tmp_path / "same_weights"  # --init_from_hf (steps 10 on): a copy elsewhere is the same weights
+    shutil.copytree(ROOT / "assets" / "tiny_llama", same_weights)
+    has_weights = step in ("step10", "step11", "step12")
+    if has_weights:
+        node_0 += ["--init_from_hf", ROOT / "assets" / "tiny_llama"]
+        node_1 += ["--init_from_hf", same_weights]
     check_on_two_nodes(train, utils, monkeypatch, node_0, node_1)
 
     other_tokenizer = tmp_path / "other_tokenizer"
     shutil.copytree(ROOT / "assets" / "tiny_llama", other_tokenizer)
     with open(other_tokenizer / "tokenizer_config.json", "a") as f:
         f.write("\n")
-    for flags, expected in ((["--seed", 7], "--seed 42 on ranks [0], 7 on ranks [1]"),
-                            (["--model_name", other_tokenizer], "the tokenizer files of --model_name '")):
+    other_config = tmp_path / "other_config"
+    shutil.copytree(ROOT / "assets" / "tiny_llama", other_config)
+    config = json.loads((other_config / "config.json").read_text())
+    (other_config / "config.json").write_text(json.dumps({**config, "rope_theta": 1234.0}))
+    refused = [(["--seed", 7], "--seed 42 on ranks [0], 7 on ranks [1]"),
+               (["--model_name", other_config], "'rope_theta': 1234.0")]
+    if has_data:
+        refused.append((["--model_name", other_tokenizer], "the tokenizer files of --model_name '"))
+    if has_weights:
+        refused.append((["--init_from_hf", other_tokenizer], "the files of --init_from_hf '"))
+    for flags, expected in refused:
         capsys.readouterr()
         with pytest.raises(SystemExit):
             check_on_two_nodes(train, utils, monkeypatch, node_0, [*node_1, *flags])
         (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
         assert error.startswith("error: the ranks were started with different settings") and expected in error, error
         assert "metrics_file" not in error and "dataset_name" not in error and "config._name_or_path" not in error
+        assert "omp_num_threads" not in error and "model_name" not in error.replace("tokenizer files of --model_name", "")
+
+
+@pytest.mark.parametrize("step", ["step10", "step11", "step12"])
+def test_a_resume_knows_its_dataset_by_content_not_by_path(step, tmp_path):
+    """Issue 22, item 1, for --resume: the dataset copied to another path (another node's mount) is the same run;
+    a dataset whose files differ by one byte is another run, named."""
+    checkpoint = import_step(step, "checkpoint")
+    config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+
+    def run_on(dataset):
+        args = SimpleNamespace(seq_len=16, seed=1, micro_batch_size=1, gradient_accumulation_steps=1, dp_size=1,
+                               learning_rate=1e-3, dataset_name=str(dataset), model_name=str(ROOT / "assets" / "tiny_llama"))
+        return checkpoint.run_settings(args, config)
+
+    saved = json.loads(json.dumps(run_on(ROOT / "assets" / "tiny_stories")))
+    moved, edited = tmp_path / "moved", tmp_path / "edited"
+    shutil.copytree(ROOT / "assets" / "tiny_stories", moved)
+    shutil.copytree(ROOT / "assets" / "tiny_stories", edited)
+    with open(edited / "README.md", "a") as f:
+        f.write(" ")
+    assert checkpoint.run_differences(saved, run_on(moved)) == []
+    (difference,) = checkpoint.run_differences(saved, run_on(edited))
+    assert difference.startswith(f"dataset {saved['dataset']!r} vs "), difference
 
 
 @pytest.mark.parametrize("step", ["step1", "step11"])
