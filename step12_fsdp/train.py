@@ -98,8 +98,8 @@ def train_step(model, data_loader, device):
     return acc_loss
 
 
-def main():
-    args = parse_args()
+def set_up_process(args):
+    """This process's threads, device and dtype."""
     os.environ["OMP_NUM_THREADS"] = str(args.omp_num_threads)
     os.environ["TOKENIZERS_PARALLELISM"] = args.tokenizers_parallelism
     torch.set_num_threads(args.omp_num_threads)
@@ -107,8 +107,12 @@ def main():
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(args.device, local_rank)
     dtype = resolve_dtype(args.dtype, device)
-    config = load_config(args)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return device, dtype
+
+
+def check_command_line(args, config, world_size):
+    """Stop at a command line that cannot work, with one line naming every problem, before any rank waits
+    for another; warn about a layout that works, but slowly."""
     errors = validate_layout(world_size, args.tp_size, args.cp_size, args.pp_size, args.dp_size, config, args.seq_len)
     if not args.save_dir:  # without it these would be ignored: a run meant to be checkpointed would not be
         errors += [f"{flag} needs --save_dir" for flag in ("--resume", "--save_every", "--keep_last")
@@ -119,6 +123,72 @@ def main():
     warning = node_warning(args.tp_size, args.cp_size, ranks_per_node)
     if warning:
         warn(warning)
+
+
+def build_model(args, config, device, dtype):
+    """Every rank builds the same full model from the same seed, then keeps its part of it and wraps it for
+    the parallelism in use; and the optimizer."""
+    grid = pgm.process_group_manager
+    set_all_seed(args.seed)
+    model = Llama(config)
+    if args.init_from_hf:
+        load_hf_weights(model, args.init_from_hf)  # the full model, before it is sharded
+    if grid.tp_world_size > 1:
+        apply_tensor_parallel(model)  # keep this rank's shard of the full weights
+    if grid.cp_world_size > 1:
+        apply_context_parallel(model)  # attention over the whole sequence, from this rank's share of the tokens
+    model = model.to(device=device, dtype=dtype)
+    if grid.pp_world_size > 1:
+        model = PipelineParallel(model, config)  # keep only this stage's layers
+    # fp32 gradient buckets, averaged over the dp x cp ranks, whole (stage 0) or sharded (stages 1 to 3), and at
+    # stage 3 the parameters sharded too, each unit gathered only while it computes
+    model = ZeroDataParallel(model, zero_stage=args.zero_stage, bucket_size_mb=args.bucket_size_mb)
+    optimizer = ZeroAdamW(model, lr=args.learning_rate)  # AdamW on the fp32 master pieces this rank owns
+    return model, optimizer
+
+
+class Progress:
+    """What the logging rank says: the run once, then a line per optimizer step with its loss, tokens/s, MFU and
+    memory, the same numbers going to --metrics_file and W&B."""
+
+    def __init__(self, args, config, model, data_loader, device, dtype, world_size):
+        self.args, self.device, self.world_size = args, device, world_size
+        self.logger = MetricsLogger(args.metrics_file, args.use_wandb, args.run_name, vars(args))
+        num_params = sum(p.numel() for p in model.parameters())
+        print(f"model: {args.model_name} | {to_readable_format(num_params)} parameters | device {device} {dtype} "
+              f"| zero stage {args.zero_stage} | {len(data_loader.tokenized_dataset)} chunks of {args.seq_len + 1} "
+              f"tokens", flush=True)
+        # MFU counts the whole model's FLOPs whatever this rank holds, and each device's share of them.
+        self.model_flops_per_token = flops_per_token(config, args.seq_len)
+        self.peak_flops, peak_source = peak_flops_per_device(device, dtype, args.peak_tflops)
+        print(f"FLOPs per token: {to_readable_format(self.model_flops_per_token)} | peak per device: "
+              f"{self.peak_flops / 1e12:.3f} TFLOPs ({peak_source})", flush=True)
+
+    def log_step(self, step, loss, trained_tokens, tokens_per_step, step_duration):
+        tokens_per_second = tokens_per_step / step_duration
+        flops_per_device = tokens_per_second * self.model_flops_per_token / self.world_size  # achieved FLOPs/s
+        metrics = {"step": step, "loss": loss, "tokens": trained_tokens, "tokens_per_second": tokens_per_second,
+                   "tokens_per_second_per_device": tokens_per_second / self.world_size,
+                   "tflops_per_device": flops_per_device / 1e12, "mfu": flops_per_device / self.peak_flops,
+                   "memory_gb": peak_memory_gb(self.device)}
+        print(f"Step: {step:<4d} | Loss: {loss:.4f} | Global batch size: {to_readable_format(tokens_per_step)} "
+              f"| Tokens/s: {to_readable_format(tokens_per_second)} "
+              f"| Tokens/s/device: {to_readable_format(tokens_per_second / self.world_size)} "
+              f"| TFLOPs/device: {flops_per_device / 1e12:.3f} | MFU: {metrics['mfu']:.1%} "
+              f"| Tokens: {to_readable_format(trained_tokens)}/{to_readable_format(self.args.max_tokens)} "
+              f"| Memory: {metrics['memory_gb']:.2f}GB", flush=True)
+        self.logger.log(metrics)
+
+    def close(self):
+        self.logger.close()
+
+
+def main():
+    args = parse_args()
+    device, dtype = set_up_process(args)
+    config = load_config(args)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    check_command_line(args, config, world_size)
     run = run_settings(args, config)
     # Global rank 0 locks --save_dir before any check of it, for as long as save_dir_lock stays open: the process.
     resume_from, save_dir_lock = claim_save_dir(args.save_dir, args.resume, run) if args.save_dir else (None, None)
@@ -137,34 +207,8 @@ def main():
                                        grad_acc_steps=args.gradient_accumulation_steps, num_workers=args.num_workers,
                                        num_proc=args.num_proc, seed=args.seed)
 
-    # Every rank builds the same full model from the same seed.
-    set_all_seed(args.seed)
-    model = Llama(config)
-    if args.init_from_hf:
-        load_hf_weights(model, args.init_from_hf)  # the full model, before it is sharded
-    if grid.tp_world_size > 1:
-        apply_tensor_parallel(model)  # keep this rank's shard of the full weights
-    if grid.cp_world_size > 1:
-        apply_context_parallel(model)  # attention over the whole sequence, from this rank's share of the tokens
-    model = model.to(device=device, dtype=dtype)
-    if grid.pp_world_size > 1:
-        model = PipelineParallel(model, config)  # keep only this stage's layers
-    # fp32 gradient buckets, averaged over the dp x cp ranks, whole (stage 0) or sharded (stages 1 to 3), and at
-    # stage 3 the parameters sharded too, each unit gathered only while it computes
-    model = ZeroDataParallel(model, zero_stage=args.zero_stage, bucket_size_mb=args.bucket_size_mb)
-    optimizer = ZeroAdamW(model, lr=args.learning_rate)  # AdamW on the fp32 master pieces this rank owns
-    num_params = sum(p.numel() for p in model.parameters())
-
-    logger = MetricsLogger(args.metrics_file, args.use_wandb, args.run_name, vars(args)) if is_logging_rank else None
-    if is_logging_rank:
-        print(f"model: {args.model_name} | {to_readable_format(num_params)} parameters | device {device} {dtype} "
-              f"| zero stage {args.zero_stage} | {len(data_loader.tokenized_dataset)} chunks of {args.seq_len + 1} "
-              f"tokens", flush=True)
-        # MFU counts the whole model's FLOPs whatever this rank holds, and each device's share of them.
-        model_flops_per_token = flops_per_token(config, args.seq_len)
-        peak_flops, peak_source = peak_flops_per_device(device, dtype, args.peak_tflops)
-        print(f"FLOPs per token: {to_readable_format(model_flops_per_token)} | peak per device: "
-              f"{peak_flops / 1e12:.3f} TFLOPs ({peak_source})", flush=True)
+    model, optimizer = build_model(args, config, device, dtype)
+    progress = Progress(args, config, model, data_loader, device, dtype, world_size) if is_logging_rank else None
 
     tokens_per_step = data_loader.global_batch_size * args.seq_len
     # activations between stages: this cp rank's tokens only
@@ -193,28 +237,16 @@ def main():
         trained_tokens += tokens_per_step
         check_loss(loss, step)
 
-        if is_logging_rank:
-            tokens_per_second = tokens_per_step / step_duration
-            flops_per_device = tokens_per_second * model_flops_per_token / world_size  # achieved FLOPs/s
-            metrics = {"step": step, "loss": loss, "tokens": trained_tokens, "tokens_per_second": tokens_per_second,
-                       "tokens_per_second_per_device": tokens_per_second / world_size,
-                       "tflops_per_device": flops_per_device / 1e12, "mfu": flops_per_device / peak_flops,
-                       "memory_gb": peak_memory_gb(device)}
-            print(f"Step: {step:<4d} | Loss: {loss:.4f} | Global batch size: {to_readable_format(tokens_per_step)} "
-                  f"| Tokens/s: {to_readable_format(tokens_per_second)} "
-                  f"| Tokens/s/device: {to_readable_format(tokens_per_second / world_size)} "
-                  f"| TFLOPs/device: {flops_per_device / 1e12:.3f} | MFU: {metrics['mfu']:.1%} "
-                  f"| Tokens: {to_readable_format(trained_tokens)}/{to_readable_format(args.max_tokens)} "
-                  f"| Memory: {metrics['memory_gb']:.2f}GB", flush=True)
-            logger.log(metrics)
+        if progress:
+            progress.log_step(step, loss, trained_tokens, tokens_per_step, step_duration)
 
         done = trained_tokens >= args.max_tokens
         if args.save_dir and (done or (args.save_every and step % args.save_every == 0)):
             save_checkpoint(save_dir=args.save_dir, step=step, tokens=trained_tokens, model=model, optimizer=optimizer,
                             data_loader=data_loader, run=run, keep_last=args.keep_last or 2)
 
-    if logger:
-        logger.close()
+    if progress:
+        progress.close()
     close_distributed()
 
 

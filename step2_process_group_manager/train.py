@@ -41,8 +41,8 @@ def parse_args():
     return parser.parse_args()
 
 
-def main():
-    args = parse_args()
+def set_up_process(args):
+    """This process's threads, device and dtype."""
     os.environ["OMP_NUM_THREADS"] = str(args.omp_num_threads)
     os.environ["TOKENIZERS_PARALLELISM"] = args.tokenizers_parallelism
     torch.set_num_threads(args.omp_num_threads)
@@ -50,8 +50,12 @@ def main():
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(args.device, local_rank)
     dtype = resolve_dtype(args.dtype, device)
-    config = load_config(args)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return device, dtype
+
+
+def check_command_line(args, config, world_size):
+    """Stop at a command line that cannot work, with one line naming every problem, before any rank waits
+    for another; warn about a layout that works, but slowly."""
     errors = validate_layout(world_size, args.tp_size, args.pp_size, args.dp_size, config)
     if errors:
         fail("; ".join(errors))
@@ -60,6 +64,22 @@ def main():
     if warning:
         warn(warning)
 
+
+def build_model(args, config, device, dtype):
+    """Every rank builds the same full model from the same seed; and the optimizer."""
+    set_all_seed(args.seed)
+    model = Llama(config).to(device=device, dtype=dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    return model, optimizer
+
+
+def main():
+    args = parse_args()
+    device, dtype = set_up_process(args)
+    config = load_config(args)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    check_command_line(args, config, world_size)
+
     init_distributed(device, args.timeout_s)
     check_same_settings(args, config)
     setup_process_group_manager(args.tp_size, args.pp_size, args.dp_size, timeout_s=args.timeout_s)
@@ -67,9 +87,7 @@ def main():
     # One write per line (end=""): every rank prints here, and a separate newline write could interleave.
     print(f"rank {grid.global_rank}: {grid} | tp group {grid.tp_group_ids} | pp group {grid.pp_group_ids} "
           f"| dp group {grid.dp_group_ids} | pp prev {grid.pp_prev_rank} next {grid.pp_next_rank}\n", end="", flush=True)
-    set_all_seed(args.seed)
-    model = Llama(config).to(device=device, dtype=dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    model, optimizer = build_model(args, config, device, dtype)
 
     # Random tokens: the loss starts near ln(vocab_size) and falls as the model memorises the batch.
     input_ids = torch.randint(0, config.vocab_size, (args.micro_batch_size, args.seq_len + 1), device=device)
