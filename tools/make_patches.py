@@ -6,7 +6,8 @@ only on the files' contents (a fresh clone gives the same bytes). Only the files
 what a run leaves in a step folder (wandb/, runs/, a metrics file) is not part of the step. Outside a
 git checkout (an exported copy) every file counts.
 
-    python tools/make_patches.py          # rewrite the patches
+    python tools/make_patches.py          # rewrite the patches, and the +added / −removed column of the README's
+                                          # step table from them
     python tools/make_patches.py --check  # exit 1 if any patch is stale
 """
 import argparse
@@ -69,6 +70,20 @@ def line_counts(patch):
     return added, removed
 
 
+STEP_ROW = re.compile(r"^(\| `(step\d+)_\w+/` \|.*\| )\+\d+ / −\d+ \|$", flags=re.MULTILINE)
+
+
+def update_step_table(readme):
+    """Rewrite the last column (+added / −removed) of every step row of the README's table from the patch files."""
+    def counts(row):
+        step = row.group(2)
+        patch = next(ROOT.glob(f"{step}_*")) / f"patch_{step.replace('step', 'step_')}.diff"
+        added, removed = line_counts(patch.read_text())
+        return f"{row.group(1)}+{added} / −{removed} |"
+
+    readme.write_text(STEP_ROW.sub(counts, readme.read_text()))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only check that every patch is current")
@@ -86,6 +101,8 @@ def main():
             path.write_text(patch)
             added, removed = line_counts(patch)
             print(f"wrote {path.relative_to(ROOT)}: +{added} / −{removed} lines")
+    if not args.check:
+        update_step_table(ROOT / "README.md")
     if stale:
         print("stale patches (run python tools/make_patches.py): " + ", ".join(stale))
         sys.exit(1)
