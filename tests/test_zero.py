@@ -1,6 +1,5 @@
-"""Step 11, mixed precision with an fp32 master and ZeRO-1/2: dp 2, dp 2 x tp 2, dp 2 x pp 2 (1F1B) and dp 2 x cp 2
-at zero stages 1 and 2 train the single-process run (the parity contract; dp 4 runs at stage 3 in
-tests/test_fsdp.py), --zero_stage 0 at fp32 reproduces step 10 bit for bit, stage 1 equals stage 0 bit for
+"""Step 11, mixed precision with an fp32 master and ZeRO-1/2: dp 2, dp 4, dp 2 x tp 2, dp 2 x pp 2 (1F1B and AFAB)
+and dp 2 x cp 2 at zero stages 1 and 2 train the single-process run (the parity contract), --zero_stage 0 at fp32 reproduces step 10 bit for bit, stage 1 equals stage 0 bit for
 bit at dp 2 (fp32 and bf16), the parameters are bitwise identical on every rank of a dp x cp group after every
 step (tests/zero_check.py), ZeRO-2 frees its full gradient buffers, and the fp32 master keeps updates that
 bf16 weights would round away."""
@@ -27,8 +26,10 @@ BASELINE = ("step3", 1, "--seq_len", 32, "--learning_rate", 1e-3, "--gradient_ac
 LAYOUTS = {
     "dp2_zero1": (2, *DP2, "--zero_stage", 1),
     "dp2_zero2": (2, *DP2, "--zero_stage", 2),
+    "dp4_zero2": (4, "--micro_batch_size", 1, "--gradient_accumulation_steps", 1, "--dp_size", 4, "--zero_stage", 2),
     "dp2_tp2_zero1": (4, *DP2, "--tp_size", 2, "--zero_stage", 1),
     "dp2_pp2_1f1b_zero2": (4, *DP2, "--pp_size", 2, "--pp_engine", "1f1b", "--zero_stage", 2),
+    "dp2_pp2_afab_zero1": (4, *DP2, "--pp_size", 2, "--pp_engine", "afab", "--zero_stage", 1),
     "dp2_cp2_zero2": (4, *DP2, "--cp_size", 2, "--zero_stage", 2),
 }
 BF16 = ["--dtype", "bfloat16"]
