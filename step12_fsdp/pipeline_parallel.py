@@ -99,7 +99,7 @@ class PipelineParallel(nn.Module):
         return self.lm_head(self.norm(x))  # [batch, seq, vocab]
 
 
-def communicate(name, send_tensor=None, send_peer=None, recv_peer=None, shape=None, device=None, dtype=None):
+def communicate(name, *, send_tensor=None, send_peer=None, recv_peer=None, shape=None, device=None, dtype=None):
     """Post this stage's sends and receives together, then wait for all of them. Posting both before
     waiting is what keeps two neighbours that send to each other at the same time from deadlocking."""
     ops, received = [], None
@@ -137,7 +137,7 @@ def send_backward(input_grad):
     communicate("send_backward", send_tensor=input_grad, send_peer=pgm.process_group_manager.pp_prev_rank)
 
 
-def send_forward_recv_backward(output_tensor, shape, device, dtype):
+def send_forward_recv_backward(output_tensor, *, shape, device, dtype):
     """1F1B steady state: hand this micro-batch's output to the next stage and, in the same exchange, take
     back the gradient of the oldest micro-batch it holds (None on the last stage)."""
     next_rank = pgm.process_group_manager.pp_next_rank
@@ -145,7 +145,7 @@ def send_forward_recv_backward(output_tensor, shape, device, dtype):
                        recv_peer=next_rank, shape=shape, device=device, dtype=dtype)
 
 
-def send_backward_recv_forward(input_grad, shape, device, dtype):
+def send_backward_recv_forward(input_grad, *, shape, device, dtype):
     """1F1B steady state: hand a gradient to the previous stage and take its next activations (None on stage 0)."""
     prev_rank = pgm.process_group_manager.pp_prev_rank
     received = communicate("send_backward_recv_forward", send_tensor=input_grad, send_peer=prev_rank,
@@ -154,7 +154,7 @@ def send_backward_recv_forward(input_grad, shape, device, dtype):
 
 
 @timeline("forward")
-def forward_step(model, data_loader, input_tensor, device, losses):
+def forward_step(model, data_loader, *, input_tensor, device, losses):
     """One micro-batch through this stage. Every stage draws every micro-batch, so all stages agree on the
     positions. The last stage returns the loss, scaled by 1/grad_acc_steps exactly as train_step does,
     and appends its value to losses."""
@@ -201,7 +201,7 @@ def set_grad_sync(model, enabled):
         model.require_backward_grad_sync = enabled
 
 
-def forward_and_send(model, data_loader, held, losses, tensor_shapes, device, dtype):
+def forward_and_send(model, data_loader, *, held, losses, tensor_shapes, device, dtype):
     """Receive this stage's input, run one micro-batch forward, send the output on and hold it for backward."""
     input_tensor = recv_forward(tensor_shapes, device, dtype)
     output_tensor = forward_step(model, data_loader, input_tensor=input_tensor, device=device, losses=losses)
@@ -209,7 +209,7 @@ def forward_and_send(model, data_loader, held, losses, tensor_shapes, device, dt
     held.push(input_tensor, output_tensor)
 
 
-def backward_and_send(model, held, is_last_backward, tensor_shapes, device, dtype):
+def backward_and_send(model, held, *, is_last_backward, tensor_shapes, device, dtype):
     """Receive the gradient of the oldest micro-batch held, run its backward, send the input gradient back."""
     set_grad_sync(model, is_last_backward)
     output_grad = recv_backward(tensor_shapes, device, dtype)
@@ -217,7 +217,7 @@ def backward_and_send(model, held, is_last_backward, tensor_shapes, device, dtyp
     send_backward(input_grad)
 
 
-def train_step_pipeline_afab(model, data_loader, tensor_shapes, device, dtype):
+def train_step_pipeline_afab(model, data_loader, *, tensor_shapes, device, dtype):
     """All forward, all backward. tensor_shapes = (micro_batch_size, seq_len, hidden_size): the shape of
     every activation and gradient sent between stages. Returns the summed micro-batch losses on the last
     stage (as train_step does), 0.0 elsewhere."""
@@ -235,7 +235,7 @@ def train_step_pipeline_afab(model, data_loader, tensor_shapes, device, dtype):
     return sum(losses, 0.0)
 
 
-def train_step_pipeline_1f1b(model, data_loader, tensor_shapes, device, dtype):
+def train_step_pipeline_1f1b(model, data_loader, *, tensor_shapes, device, dtype):
     """One forward, one backward. Warm-up: stage r runs pp_size - r - 1 forwards, enough to keep the stages
     after it busy; steady state: every new forward is paired with the backward of the oldest micro-batch
     held; cool-down: the backwards left over. Same arguments and result as train_step_pipeline_afab."""
