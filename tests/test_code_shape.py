@@ -42,10 +42,9 @@ def test_main_is_short_and_names_its_phases(step):
 def test_pipeline_helpers_take_shapes_device_dtype_and_state_by_keyword(step):
     """No function of pipeline_parallel.py can be given more than three arguments by position: forward_and_send
     took seven, and two of them swapped would still run."""
-    too_many = {name: [a.arg for a in node.args.posonlyargs + node.args.args if a.arg != "self"]
-                for name, node in functions(parse(step, "pipeline_parallel.py")).items()}
-    too_many = {name: args for name, args in too_many.items() if len(args) > 3}
-    assert not too_many
+    positional = {name: [a.arg for a in node.args.posonlyargs + node.args.args if a.arg != "self"]
+                  for name, node in functions(parse(step, "pipeline_parallel.py")).items()}
+    assert not {name: args for name, args in positional.items() if len(args) > 3}
 
 
 @pytest.mark.parametrize("step", CHECKPOINT_STEPS)
@@ -65,6 +64,9 @@ def test_the_tensor_parallel_split_has_one_name_per_thing():
     recorded in a checkpoint file) replace split_dims / tp_split_dims."""
     names = set()
     for path in ROOT.glob("step*/*.py"):
-        names |= {node.id for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Name)}
-        names |= {node.name for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.FunctionDef)}
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Name):
+                names.add(node.id)
+            elif isinstance(node, ast.FunctionDef):
+                names.add(node.name)
     assert not {"split_dims", "tp_split_dims"} & names

@@ -1,6 +1,6 @@
 """Step 11, mixed precision with an fp32 master and ZeRO-1/2: dp 2, dp 4, dp 2 x tp 2, dp 2 x pp 2 (1F1B and AFAB)
-and dp 2 x cp 2 at zero stages 1 and 2 train the single-process run (the parity contract), --zero_stage 0 at fp32 reproduces step 10 bit for bit, stage 1 equals stage 0 bit for
-bit at dp 2 (fp32 and bf16), the parameters are bitwise identical on every rank of a dp x cp group after every
+and dp 2 x cp 2 at zero stages 1 and 2 train the single-process run (the parity contract), --zero_stage 0 at
+fp32 reproduces step 10 bit for bit, stage 1 equals stage 0 bit for bit at dp 2 (fp32 and bf16), the parameters are bitwise identical on every rank of a dp x cp group after every
 step (tests/zero_check.py), ZeRO-2 frees its full gradient buffers, and the fp32 master keeps updates that
 bf16 weights would round away."""
 import json
