@@ -49,12 +49,14 @@ ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
 SAME_RUN = ("seq_len", "global_batch_size", "dataset", "seed", "tokenizer", *ARCHITECTURE)
 # What every file's metadata holds, and its run settings; a checkpoint that lacks one is refused, naming it.
 METADATA_KEYS = ("step", "tokens", "run", "data", "tp_split", "layout", "save_id", "sha256")
+# The optimizer's settings: a resume may change them (they apply from its first step on, and it says so).
+SCHEDULE = ("learning_rate", "lr_scheduler_type", "warmup_steps", "max_grad_norm", "weight_decay")
 RUN_KEYS = (*SAME_RUN, "learning_rate", "model_name", "config")
 
 
 def run_settings(args, config):
     """What identifies this run (SAME_RUN and the config: the dataset and the tokenizer by their content), the
-    learning rate, and what an export needs (config, tokenizer)."""
+    optimizer's settings, and what an export needs (config, tokenizer)."""
     def where(name):  # a local directory by its real path, however it was spelled
         return os.path.realpath(name) if os.path.isdir(name) else name
 
@@ -62,7 +64,8 @@ def run_settings(args, config):
             "dataset_name": where(args.dataset_name),
             "global_batch_size": args.micro_batch_size * args.gradient_accumulation_steps * args.dp_size,
             "tokenizer": tokenizer_fingerprint(args.model_name), **{name: getattr(config, name) for name in ARCHITECTURE},
-            "learning_rate": args.learning_rate, "model_name": where(args.model_name), "config": config.to_dict()}
+            **{name: getattr(args, name) for name in SCHEDULE}, "model_name": where(args.model_name),
+            "config": config.to_dict()}
 
 
 def run_differences(saved, run):

@@ -57,12 +57,14 @@ ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
 SAME_RUN = ("seq_len", "global_batch_size", "dataset", "seed", "tokenizer", *ARCHITECTURE)
 # What every file's metadata holds, and its run settings; a checkpoint that lacks one is refused, naming it.
 METADATA_KEYS = ("step", "tokens", "run", "data", "tp_split", "layout", "save_id", "sha256")
+# The optimizer's settings: a resume may change them (they apply from its first step on, and it says so).
+SCHEDULE = ("learning_rate", "lr_scheduler_type", "warmup_steps", "max_grad_norm", "weight_decay")
 RUN_KEYS = (*SAME_RUN, "learning_rate", "model_name", "config")
 
 
 def run_settings(args, config):
     """What identifies this run (SAME_RUN and the config: the dataset and the tokenizer by their content), the
-    learning rate, and what an export needs (config, tokenizer)."""
+    optimizer's settings, and what an export needs (config, tokenizer)."""
     def where(name):  # a local directory by its real path, however it was spelled
         return os.path.realpath(name) if os.path.isdir(name) else name
 
@@ -70,7 +72,8 @@ def run_settings(args, config):
             "dataset_name": where(args.dataset_name),
             "global_batch_size": args.micro_batch_size * args.gradient_accumulation_steps * args.dp_size,
             "tokenizer": tokenizer_fingerprint(args.model_name), **{name: getattr(config, name) for name in ARCHITECTURE},
-            "learning_rate": args.learning_rate, "model_name": where(args.model_name), "config": config.to_dict()}
+            **{name: getattr(args, name) for name in SCHEDULE}, "model_name": where(args.model_name),
+            "config": config.to_dict()}
 
 
 def run_differences(saved, run):
@@ -242,13 +245,13 @@ def save_checkpoint(save_dir, step, tokens, model, optimizer, data_loader, run, 
         local_names = {param: local_name for local_name, param in model.named_parameters()}
         tensors, tp_split, ranges = {}, {}, {}
         for bucket in model.buckets:
-            state = optimizer.optimizer.state[bucket.master]
-            for param, start, end, piece in owned_pieces(bucket):
+            exp_avg, exp_avg_sq, adam_step = optimizer.owned_state(bucket)
+            for param, start, end, piece in bucket.owned_pieces():
                 local_name = local_names[param]
                 name = global_name(local_name, first_layer)
                 # [end - start]: a range of the flattened tensor (this rank's tensor shard of it)
-                tensors.update({f"model.{name}": bucket.master[piece], f"exp_avg.{name}": state["exp_avg"][piece],
-                                f"exp_avg_sq.{name}": state["exp_avg_sq"][piece], f"step.{name}": state["step"]})
+                tensors.update({f"model.{name}": bucket.master[piece], f"exp_avg.{name}": exp_avg[piece],
+                                f"exp_avg_sq.{name}": exp_avg_sq[piece], f"step.{name}": adam_step})
                 ranges[name] = [start, end, list(param.shape)]
                 if local_name in model_tp_split:  # the AdamW moments are split as their parameter; step is a scalar
                     for kind in ("model", "exp_avg", "exp_avg_sq"):
@@ -329,16 +332,6 @@ def mark_complete(checkpoint_dir, step):
     fsync(checkpoint_dir)
 
 
-def owned_pieces(bucket):
-    """(param, start, end, piece) for every parameter of the bucket that overlaps the piece this rank owns:
-    [start, end) is the overlap as a range of the flattened parameter, piece the same elements as a slice of
-    the owned piece (of the master, or of an AdamW moment)."""
-    for param, offset in zip(bucket.params, bucket.offsets):
-        start, end = max(offset, bucket.owned.start), min(offset + param.numel(), bucket.owned.stop)
-        if start < end:
-            yield param, start - offset, end - offset, slice(start - bucket.owned.start, end - bucket.owned.start)
-
-
 def read_full_tensors(checkpoint_dir, wanted):
     """{key: full tensor} for the keys of the checkpoint that wanted(key) selects. Each tensor shard is first put
     back together from its ZeRO pieces (ranges of the flattened tensor, in order), then the tensor shards are
@@ -403,9 +396,8 @@ def load_checkpoint(checkpoint_dir, model, optimizer, data_loader):
         with torch.no_grad():
             bucket.param_buffer.copy_(flat["model"])  # every parameter, in the compute dtype
             bucket.master.copy_(flat["model"][bucket.owned])
-        optimizer.optimizer.state[bucket.master] = {"step": step.clone(),
-                                                    "exp_avg": flat["exp_avg"][bucket.owned].to(bucket.master),
-                                                    "exp_avg_sq": flat["exp_avg_sq"][bucket.owned].to(bucket.master)}
+        optimizer.load_owned_state(bucket, exp_avg=flat["exp_avg"][bucket.owned].to(bucket.master),
+                                   exp_avg_sq=flat["exp_avg_sq"][bucket.owned].to(bucket.master), step=step)
     data_loader.load_state_dict(metadata["data"])
     return metadata["step"], metadata["tokens"]
 

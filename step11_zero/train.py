@@ -5,6 +5,7 @@ the gradients sharded over the dp x cp ranks.
     torchrun --nproc_per_node 4 step11_zero/train.py --dp_size 2 --tp_size 2 --micro_batch_size 2 --zero_stage 1
 """
 import argparse
+import math
 import os
 import time
 
@@ -17,14 +18,16 @@ from context_parallel import apply_context_parallel
 from dataloader import DEFAULT_DATASET, MicroBatchDataLoader
 from hf_weights import load_hf_weights
 from model import Llama
+from optimizer import lr_scheduler, resolve_warmup_steps
 from pipeline_parallel import PipelineParallel, train_step_pipeline_1f1b, train_step_pipeline_afab
 from process_group_manager import node_warning, setup_process_group_manager, validate_layout
 from save_dir import check_every_rank_sees, claim_save_dir
 from tensor_parallel import apply_tensor_parallel
 from utils import (ArgumentParser, DEFAULT_MODEL, MetricsLogger, average_loss_across_dp_cp_ranks, check_loss,
                    check_same_settings, close_distributed, fail, flops_per_token, init_distributed, integer,
-                   load_config, output_file, peak_flops_per_device, peak_memory_gb, peer_failures_end_the_run,
-                   positive_float, resolve_device, resolve_dtype, set_all_seed, to_readable_format, warn)
+                   load_config, measure_matmul_flops, non_negative_float, output_file, peak_flops_per_device,
+                   peak_memory_gb, peer_failures_end_the_run, positive_float, resolve_device, resolve_dtype,
+                   set_all_seed, to_readable_format, warn)
 from zero import ZERO_STAGES, ZeroAdamW, ZeroDataParallel
 
 
@@ -40,7 +43,15 @@ def parse_args():
     parser.add_argument("--num_workers", type=integer(0), default=0, help="DataLoader worker processes")
     parser.add_argument("--num_proc", type=integer(1), default=1, help="processes for tokenizing the dataset")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--learning_rate", type=positive_float, default=1e-3)
+    parser.add_argument("--learning_rate", type=positive_float, default=1e-3, help="the peak learning rate")
+    parser.add_argument("--lr_scheduler_type", choices=["constant", "cosine"], default="cosine",
+                        help="after the warm-up: constant, or a cosine down to 10%% of the peak at the last step")
+    parser.add_argument("--warmup_steps", type=integer(0), default=None,
+                        help="steps of linear warm-up to the peak (default: a tenth of the run's steps)")
+    parser.add_argument("--max_grad_norm", type=non_negative_float, default=1.0,
+                        help="clip the global gradient L2 norm to this (0: no clipping)")
+    parser.add_argument("--weight_decay", type=non_negative_float, default=0.1,
+                        help="AdamW's decoupled weight decay, on the matrices only (not the norms' weights)")
     parser.add_argument("--seq_len", type=integer(1), default=128)
     parser.add_argument("--micro_batch_size", type=integer(1), default=4)
     parser.add_argument("--gradient_accumulation_steps", type=integer(1), default=2)
@@ -78,7 +89,8 @@ def parse_args():
 def train_step(model, data_loader, device):
     """One optimizer step's forward and backward passes: grad_acc_steps micro-batches whose
     gradients add up to the gradient of the mean loss over the whole batch."""
-    acc_loss = 0.0
+    # Summed on the device (in float64, as a Python float would be): reading it is the step's one host sync.
+    acc_loss = torch.zeros((), dtype=torch.float64, device=device)
     for i in range(data_loader.grad_acc_steps):
         # Data/context parallel: the micro-batches before the last only accumulate; the last one's backward
         # all-reduces the accumulated gradients.
@@ -93,7 +105,7 @@ def train_step(model, data_loader, device):
         # Scale so the accumulated gradient is that of the mean over all micro-batches.
         loss = loss / data_loader.grad_acc_steps
         loss.backward()
-        acc_loss += loss.item()
+        acc_loss += loss.detach()
     return acc_loss
 
 
@@ -141,16 +153,18 @@ def build_model(args, config, device, dtype):
         model = PipelineParallel(model, config)  # keep only this stage's layers
     # fp32 gradient buckets, averaged over the dp x cp ranks, whole (stage 0) or sharded (stages 1, 2)
     model = ZeroDataParallel(model, zero_stage=args.zero_stage, bucket_size_mb=args.bucket_size_mb)
-    optimizer = ZeroAdamW(model, lr=args.learning_rate)  # AdamW on the fp32 master pieces this rank owns
+    # AdamW on the fp32 master pieces this rank owns, matrices decaying
+    optimizer = ZeroAdamW(model, lr=args.learning_rate, weight_decay=args.weight_decay)
     return model, optimizer
 
 
 class Progress:
-    """What the logging rank says: the run once, then a line per optimizer step with its loss, tokens/s, MFU and
-    memory, the same numbers going to --metrics_file and W&B."""
+    """What the logging rank says: the run once, then a line per optimizer step with its loss, gradient norm,
+    learning rate, tokens/s, MFU and memory, the same numbers going to --metrics_file and W&B."""
 
     def __init__(self, args, config, model, data_loader, device, dtype, world_size):
         self.args, self.device, self.world_size = args, device, world_size
+        self.tokens_per_step = data_loader.global_batch_size * args.seq_len
         self.logger = MetricsLogger(args.metrics_file, args.use_wandb, args.run_name, vars(args))
         num_params = sum(p.numel() for p in model.parameters())
         print(f"model: {args.model_name} | {to_readable_format(num_params)} parameters | device {device} {dtype} "
@@ -159,20 +173,31 @@ class Progress:
         # MFU counts the whole model's FLOPs whatever this rank holds, and each device's share of them.
         self.model_flops_per_token = flops_per_token(config, args.seq_len)
         self.peak_flops, peak_source = peak_flops_per_device(device, dtype, args.peak_tflops)
+        self.peak_measured = peak_source.startswith("measured")
         print(f"FLOPs per token: {to_readable_format(self.model_flops_per_token)} | peak per device: "
               f"{self.peak_flops / 1e12:.3f} TFLOPs ({peak_source})", flush=True)
 
-    def log_step(self, step, loss, trained_tokens, tokens_per_step, step_duration):
-        tokens_per_second = tokens_per_step / step_duration
+    def mfu(self, flops_per_device):
+        """Achieved over peak, and why it is above 100% if it is. A measured peak can read low when the machine was
+        busier while measuring than while training: then it is measured again, and kept if higher."""
+        if flops_per_device > self.peak_flops and self.peak_measured:
+            self.peak_flops = max(self.peak_flops, measure_matmul_flops(self.device, torch.float32))
+        mfu = flops_per_device / self.peak_flops
+        return mfu, "" if mfu <= 1 else " (above the measured peak: this CPU is shared; --peak_tflops sets it)"
+
+    def log_step(self, step, trained_tokens, step_duration, *, loss, grad_norm, lr):
+        tokens_per_second = self.tokens_per_step / step_duration
         flops_per_device = tokens_per_second * self.model_flops_per_token / self.world_size  # achieved FLOPs/s
-        metrics = {"step": step, "loss": loss, "tokens": trained_tokens, "tokens_per_second": tokens_per_second,
+        mfu, why = self.mfu(flops_per_device)
+        metrics = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": trained_tokens,
+                   "tokens_per_second": tokens_per_second,
                    "tokens_per_second_per_device": tokens_per_second / self.world_size,
-                   "tflops_per_device": flops_per_device / 1e12, "mfu": flops_per_device / self.peak_flops,
-                   "memory_gb": peak_memory_gb(self.device)}
-        print(f"Step: {step:<4d} | Loss: {loss:.4f} | Global batch size: {to_readable_format(tokens_per_step)} "
+                   "tflops_per_device": flops_per_device / 1e12, "mfu": mfu, "memory_gb": peak_memory_gb(self.device)}
+        print(f"Step: {step:<4d} | Loss: {loss:.4f} | Grad norm: {grad_norm:.3f} | LR: {lr:.2e} "
+              f"| Global batch size: {to_readable_format(self.tokens_per_step)} "
               f"| Tokens/s: {to_readable_format(tokens_per_second)} "
               f"| Tokens/s/device: {to_readable_format(tokens_per_second / self.world_size)} "
-              f"| TFLOPs/device: {flops_per_device / 1e12:.3f} | MFU: {metrics['mfu']:.1%} "
+              f"| TFLOPs/device: {flops_per_device / 1e12:.3f} | MFU: {mfu:.1%}{why} "
               f"| Tokens: {to_readable_format(trained_tokens)}/{to_readable_format(self.args.max_tokens)} "
               f"| Memory: {metrics['memory_gb']:.2f}GB", flush=True)
         self.logger.log(metrics)
@@ -209,6 +234,8 @@ def main():
     progress = Progress(args, config, model, data_loader, device, dtype, world_size) if is_logging_rank else None
 
     tokens_per_step = data_loader.global_batch_size * args.seq_len
+    total_steps = math.ceil(args.max_tokens / tokens_per_step)
+    warmup_steps = resolve_warmup_steps(args.warmup_steps, total_steps)
     # activations between stages: this cp rank's tokens only
     tensor_shapes = (args.micro_batch_size, args.seq_len // args.cp_size, config.hidden_size)
     step, trained_tokens = 0, 0
@@ -216,6 +243,7 @@ def main():
         step, trained_tokens = load_checkpoint(resume_from, model=model, optimizer=optimizer, data_loader=data_loader)
         if is_logging_rank:
             print(f"resumed from step {step} ({to_readable_format(trained_tokens)} tokens) in {args.save_dir}", flush=True)
+    scheduler = lr_scheduler(optimizer.optimizer, args.lr_scheduler_type, warmup_steps, total_steps, steps_done=step)
     while trained_tokens < args.max_tokens:
         step_start = time.time()
         model.zero_grad()  # the data-parallel wrapper's also empties its gradient buckets
@@ -225,17 +253,19 @@ def main():
         else:
             loss = train_step(model, data_loader, device)
         model.finish_gradient_synchronization()  # waits for the buckets' reductions
+        grad_norm = optimizer.clip_grad_norm(args.max_grad_norm)  # the norm before clipping
+        lr = scheduler.get_last_lr()[0]  # this step's
         optimizer.step()  # then casts the master into the parameters and all-gathers them
-        loss = average_loss_across_dp_cp_ranks(loss, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        scheduler.step()
+        loss = average_loss_across_dp_cp_ranks(loss)
+        loss, grad_norm = loss.item(), grad_norm.item()  # the step's one wait for the device
         step_duration = time.time() - step_start
         step += 1
         trained_tokens += tokens_per_step
         check_loss(loss, step)
 
         if progress:
-            progress.log_step(step, loss, trained_tokens, tokens_per_step, step_duration)
+            progress.log_step(step, trained_tokens, step_duration, loss=loss, grad_norm=grad_norm, lr=lr)
 
         done = trained_tokens >= args.max_tokens
         if args.save_dir and (done or (args.save_every and step % args.save_every == 0)):

@@ -14,7 +14,8 @@ import secrets
 
 import torch.distributed as dist
 
-from checkpoint import COMPLETE, complete_checkpoints, damage, read_metadata, run_differences, step_folders
+from checkpoint import (COMPLETE, SCHEDULE, complete_checkpoints, damage, read_metadata, run_differences,
+                        step_folders)
 from utils import fail, warn
 
 LOCK = ".lock"
@@ -69,9 +70,9 @@ def check_save_dir(save_dir, resume, run):
     if differing:
         fail(f"--resume: {newest} is from another run; checkpoint vs this run: {'; '.join(differing)}. "
              f"Resume with the checkpoint's settings, or start a fresh run in another --save_dir")
-    if saved["run"]["learning_rate"] != run["learning_rate"] and int(os.environ.get("RANK", "0")) == 0:
-        print(f"--learning_rate {run['learning_rate']} replaces the checkpoint's {saved['run']['learning_rate']} "
-              f"from here on", flush=True)
+    for name in SCHEDULE:
+        if name in saved["run"] and saved["run"][name] != run[name] and int(os.environ.get("RANK", "0")) == 0:
+            print(f"--{name} {run[name]} replaces the checkpoint's {saved['run'][name]} from here on", flush=True)
     return newest
 
 

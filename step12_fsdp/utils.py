@@ -78,6 +78,17 @@ def positive_float(text):
     return value
 
 
+def non_negative_float(text):
+    """An argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
 def output_file(text):
     """An argparse type: a path a file can be written to (not an existing directory)."""
     if os.path.isdir(text):
@@ -292,20 +303,24 @@ GPU_PEAK_TFLOPS = [
     ("L40S", 362, 91.6), ("L4", 121, 30.3), ("A10", 125, 31.2), ("RTX 4090", 165, 82.6)]  # A10G: the A10's figures
 
 
-def measure_matmul_flops(device, dtype, seconds=0.25):
-    """The best FLOPs/s of square matmuls repeated for about `seconds`: a practical peak where no datasheet
-    applies. On a CPU it uses this process's torch.get_num_threads() threads, as training does."""
+def measure_matmul_flops(device, dtype, rounds=5, seconds=0.1, pause=0.05):
+    """The best FLOPs/s of square matmuls, over `rounds` rounds of about `seconds` each with a pause between them:
+    a practical peak where no datasheet applies. A neighbour busy for a moment slows some rounds, not all of them,
+    and the best is kept. On a CPU it uses this process's torch.get_num_threads() threads, as training does."""
     size = 4096 if device.type == "cuda" else 1024  # big enough that a GPU's launch overhead is negligible
     generator = torch.Generator(device).manual_seed(0)  # leaves the training's random stream alone
     a, b = (torch.randn(size, size, device=device, dtype=dtype, generator=generator) for _ in range(2))
     torch.mm(a, b)  # warm-up: thread pools, kernel selection
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        torch.mm(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = max(best, 2 * size**3 / (time.perf_counter() - start))
+    best = 0.0
+    for _ in range(rounds):
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            torch.mm(a, b)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = max(best, 2 * size**3 / (time.perf_counter() - start))
+        time.sleep(pause)
     return best
 
 
@@ -371,15 +386,15 @@ class MetricsLogger:
             self.wandb.finish()
 
 
-def average_loss_across_dp_cp_ranks(loss, device):
-    """Mean of a python float over the data- and context-parallel ranks: each rank saw only its share of
+def average_loss_across_dp_cp_ranks(loss):
+    """Mean of a 0-dim tensor over the data- and context-parallel ranks: each rank saw only its share of
     the global batch's sequences and of their tokens (equal shares, so the mean of means is the mean).
     float64 so that averaging adds no rounding of its own; SUM then divide (gloo has no AVG)."""
     grid = pgm.process_group_manager
-    total = torch.tensor(loss, dtype=torch.float64, device=device)
+    total = loss.to(torch.float64, copy=True)
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=grid.cp_dp_group)
     if grid.pp_world_size > 1:
         # Only the last stage computes the loss; it sends the mean to the earlier stages, so that every rank
         # sees a non-finite loss and they all stop together.
         dist.broadcast(total, src=grid.pp_group_ids[-1], group=grid.pp_group)
-    return total.item() / grid.cp_dp_world_size
+    return total / grid.cp_dp_world_size

@@ -4,12 +4,13 @@ Optimizations Toward Training Trillion Parameter Models"; stage 3 is what PyTorc
 parallelism, FSDP).
 
     model = ZeroDataParallel(model, zero_stage=2, bucket_size_mb=25)
-    optimizer = ZeroAdamW(model, lr=1e-3)
+    optimizer = ZeroAdamW(model, lr=1e-3, weight_decay=0.1)
     model.zero_grad()
     for i in range(grad_acc_steps):
         model.require_backward_grad_sync = i == grad_acc_steps - 1
         loss = ...; loss.backward()
     model.finish_gradient_synchronization()  # wait: every rank has the mean gradient of what it owns
+    optimizer.clip_grad_norm(max_norm=1.0)  # the global norm, from every rank's pieces
     optimizer.step()  # AdamW on the owned fp32 slices, cast into the parameters, all-gather the rest
 
 Mixed precision. The model computes in its own dtype (bf16 on a GPU). Gradients accumulate in fp32 buckets
@@ -66,6 +67,7 @@ the reduce-scatter of the gradients. Per rank, in units of (N-1)/N x Psi bytes: 
 gradients. With one micro-batch per step that is the same bytes in bf16; with k micro-batches, k times.
 """
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -73,6 +75,8 @@ import torch.nn as nn
 
 import process_group_manager as pgm
 from data_parallel import DataParallelBucket
+from optimizer import decays, sum_of_squares
+from tensor_parallel import tp_sharded_parameters
 
 # torch 2.13 renamed these two collectives (the old names warn); earlier releases have only the old names.
 reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
@@ -100,6 +104,7 @@ class ShardedBucket:
         piece = self.padded_numel // self.num_ranks
         # Stage 0 updates the whole bucket on every rank; stages 1 to 3 only rank i's piece.
         self.owned = slice(rank * piece, (rank + 1) * piece) if zero_stage > 0 else slice(0, self.padded_numel)
+        self.shards_optimizer_state = zero_stage > 0 and self.num_ranks > 1  # each rank owns its own piece
         first = params[0]
         self.param_buffer = torch.zeros(self.padded_numel, dtype=first.dtype, device=first.device)
         self.offsets = []  # each parameter's place in the flat buffers
@@ -179,8 +184,18 @@ class ShardedBucket:
                 param.main_grad = None
 
     def owned_grad(self):
-        """The summed gradient of the owned piece (not yet divided by N)."""
+        """The gradient of the owned piece: summed over the N ranks, averaged once finish_gradient_synchronization
+        divided it by N."""
         return self.grad_shard if self.zero_stage >= 2 else self.grad_buffer[self.owned]
+
+    def owned_pieces(self):
+        """(param, start, end, piece) for every parameter that overlaps the piece this rank owns: [start, end) is the
+        overlap as a range of the flattened parameter, piece the same elements as a slice of the owned piece (of the
+        master, of an AdamW moment, of the gradient)."""
+        for param, offset in zip(self.params, self.offsets):
+            start, end = max(offset, self.owned.start), min(offset + param.numel(), self.owned.stop)
+            if start < end:
+                yield param, start - offset, end - offset, slice(start - self.owned.start, end - self.owned.start)
 
     def reset(self):
         self.num_ready = 0
@@ -272,10 +287,13 @@ class ZeroDataParallel(nn.Module):
                 bucket.free_parameters()  # the unit's backward is over: no gradient needs its weights any more
 
     def finish_gradient_synchronization(self):
-        """Wait for every bucket's reduction; then each rank holds the summed gradient of the piece it owns."""
+        """Wait for every bucket's reduction; then each rank holds the averaged gradient of the piece it owns."""
         for bucket in self.in_flight:
             bucket.finish_reduction()
         self.in_flight = []
+        for bucket in self.buckets:
+            if bucket.num_ranks > 1:
+                bucket.owned_grad().div_(bucket.num_ranks)  # gloo has no ReduceOp.AVG: the reductions summed
         for bucket in self.buckets:
             if bucket.grad_buffer is not None and bucket.num_ready:
                 names = ", ".join(str(tuple(p.shape)) for p in bucket.params)
@@ -288,23 +306,59 @@ class ZeroDataParallel(nn.Module):
             bucket.reset()
 
 
-class ZeroAdamW:
-    """torch.optim.AdamW on the flat fp32 master pieces this rank owns (AdamW is elementwise, so a flat piece
-    is updated exactly as its parameters would be one by one); after the step the master is cast into the
-    compute parameters and, under ZeRO-1/2, every rank's updated piece is all-gathered (under ZeRO-3 the next
-    forward gathers each unit when it needs it)."""
+class OwnedPiece(NamedTuple):
+    """The elements of one parameter inside the piece of a bucket that this rank owns."""
+    bucket: ShardedBucket
+    piece: slice  # where they sit in the owned piece
+    master: torch.Tensor  # the fp32 master's view of them: what AdamW updates
+    decays: bool  # a matrix's elements, not a norm weight's
+    counted: bool  # this rank counts them in the global gradient norm (a norm weight: tp rank 0 only)
 
-    def __init__(self, model, lr):
+
+class ZeroAdamW:
+    """torch.optim.AdamW on the fp32 master pieces this rank owns, cut at its parameters' boundaries: a view of the
+    master per parameter that overlaps the owned piece, in the decay group if the parameter is a matrix (AdamW is
+    elementwise, so each view is updated exactly as its parameter's elements would be). clip_grad_norm, before the
+    step, finds the global gradient norm from the owned fp32 gradient pieces and scales them; after the step the
+    master is cast into the compute parameters and, under ZeRO-1/2, every rank's updated piece is all-gathered (under
+    ZeRO-3 the next forward gathers each unit when it needs it)."""
+
+    def __init__(self, model, lr, weight_decay=0.01):
+        grid = pgm.process_group_manager
         self.buckets = model.buckets
-        self.num_ranks = pgm.process_group_manager.cp_dp_world_size
-        self.optimizer = torch.optim.AdamW([bucket.master for bucket in self.buckets], lr=lr)
+        tp_sharded = tp_sharded_parameters(model)
+        self.pieces = [OwnedPiece(bucket, piece, bucket.master[piece], decays=decays(param),
+                                  counted=param in tp_sharded or grid.tp_rank == 0)
+                       for bucket in self.buckets for param, _, _, piece in bucket.owned_pieces()]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": [p.master for p in self.pieces if p.decays], "weight_decay": weight_decay},
+             {"params": [p.master for p in self.pieces if not p.decays], "weight_decay": 0.0}], lr=lr)
+
+    def clip_grad_norm(self, max_norm):
+        """The global L2 norm of the averaged gradients, before clipping, and the clip (max_norm > 0): every owned
+        fp32 gradient piece scaled by max_norm / (norm + 1e-6) if that is below 1, before AdamW sees it. Each element
+        of the model's gradient is counted once: this rank adds the squares of the pieces it owns (padding belongs
+        to none), summed over the dp x cp group (stages 1 to 3: the pieces are disjoint; stage 0: every rank owns
+        all, nothing to add), then over tp (shards; a norm weight is counted by tp rank 0 only) and pp (stages)."""
+        grid = pgm.process_group_manager
+        grads = [piece.bucket.owned_grad()[piece.piece] for piece in self.pieces if piece.counted]
+        squares = sum_of_squares(grads, self.buckets[0].master.device)
+        if self.buckets[0].shards_optimizer_state:
+            dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=grid.cp_dp_group)
+        if grid.tp_world_size > 1:
+            dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=grid.tp_group)
+        if grid.pp_world_size > 1:
+            dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=grid.pp_group)
+        norm = squares.sqrt()
+        if max_norm > 0:
+            scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            for bucket in self.buckets:
+                bucket.owned_grad().mul_(scale)
+        return norm
 
     def step(self):
-        for bucket in self.buckets:
-            grad = bucket.owned_grad()
-            if self.num_ranks > 1:
-                grad /= self.num_ranks  # gloo has no ReduceOp.AVG: the reductions summed
-            bucket.master.grad = grad
+        for piece in self.pieces:
+            piece.master.grad = piece.bucket.owned_grad()[piece.piece]
         self.optimizer.step()
         handles = []
         for bucket in self.buckets:
@@ -314,6 +368,27 @@ class ZeroAdamW:
             if bucket.zero_stage in (1, 2) and bucket.num_ranks > 1:
                 # In place: rank i's piece is already where it belongs in the gathered buffer.
                 handles.append(all_gather(bucket.param_buffer, owned, group=bucket.group, async_op=True))
-            bucket.master.grad = None
+        for piece in self.pieces:
+            piece.master.grad = None
         for handle in handles:
             handle.wait()
+
+    def owned_state(self, bucket):
+        """The AdamW moments of the bucket's owned piece, flat (zeros where no parameter is: the padding), and the
+        step count: what a checkpoint keeps."""
+        flat = {kind: torch.zeros_like(bucket.master) for kind in ("exp_avg", "exp_avg_sq")}
+        step = torch.zeros(())
+        for piece in self.pieces:
+            state = self.optimizer.state.get(piece.master)
+            if piece.bucket is bucket and state:
+                for kind in flat:
+                    flat[kind][piece.piece] = state[kind]
+                step = state["step"]
+        return flat["exp_avg"], flat["exp_avg_sq"], step
+
+    def load_owned_state(self, bucket, exp_avg, exp_avg_sq, step):
+        """The inverse of owned_state: each piece's moments from the flat ones."""
+        for piece in self.pieces:
+            if piece.bucket is bucket:
+                self.optimizer.state[piece.master] = {"step": step.clone(), "exp_avg": exp_avg[piece.piece].clone(),
+                                                      "exp_avg_sq": exp_avg_sq[piece.piece].clone()}

@@ -148,7 +148,7 @@ def forward_step(model, data_loader, *, input_tensor, device, losses):
     target_ids = batch["target_ids"].to(device)  # [batch, seq]
     loss = F.cross_entropy(output.reshape(-1, output.shape[-1]).float(), target_ids.reshape(-1))
     loss = loss / data_loader.grad_acc_steps
-    losses.append(loss.item())
+    losses.append(loss.detach())
     return loss
 
 
@@ -214,4 +214,4 @@ def train_step_pipeline_afab(model, data_loader, *, tensor_shapes, device, dtype
                           device=device, dtype=dtype)
 
     log(f"afab: held at most {held.peak} micro-batches of activations (grad_acc_steps {grad_acc_steps})")
-    return sum(losses, 0.0)
+    return sum(losses, torch.zeros((), dtype=torch.float64, device=device))  # in float64, as Python floats

@@ -159,6 +159,12 @@ class VocabParallelEmbedding(nn.Module):
         return ReduceFromTensorParallelRegion.apply(x)
 
 
+def tp_sharded_parameters(model):
+    """The parameters of which each tp rank holds a different shard. Every other one (a norm's weight) each tp rank
+    holds whole, with the same gradient: the global gradient norm must count it once, not tp times."""
+    layers = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)
+    return {module.weight for module in model.modules() if isinstance(module, layers)}
+
 def copy_block_input(module, args):
     """Forward pre-hook: the block's input enters the tensor-parallel region once, for all its projections."""
     return (CopyToTensorParallelRegion.apply(args[0]), *args[1:])

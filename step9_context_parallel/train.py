@@ -4,6 +4,7 @@ parallelism: data x pipeline x context x tensor parallel together (VERBOSE=1 pri
     torchrun --nproc_per_node 8 step9_context_parallel/train.py --cp_size 2 --tp_size 2 --pp_size 2 --pp_engine 1f1b
 """
 import argparse
+import math
 import os
 import time
 
@@ -15,13 +16,15 @@ from context_parallel import apply_context_parallel
 from data_parallel import DataParallelBucket
 from dataloader import DEFAULT_DATASET, MicroBatchDataLoader
 from model import Llama
+from optimizer import clip_grad_norm, decay_groups, lr_scheduler, resolve_warmup_steps
 from pipeline_parallel import PipelineParallel, train_step_pipeline_1f1b, train_step_pipeline_afab
 from process_group_manager import node_warning, setup_process_group_manager, validate_layout
 from tensor_parallel import apply_tensor_parallel
 from utils import (ArgumentParser, DEFAULT_MODEL, MetricsLogger, average_loss_across_dp_cp_ranks, check_loss,
                    check_same_settings, close_distributed, fail, flops_per_token, init_distributed, integer,
-                   load_config, output_file, peak_flops_per_device, peak_memory_gb, peer_failures_end_the_run,
-                   positive_float, resolve_device, resolve_dtype, set_all_seed, to_readable_format, warn)
+                   load_config, measure_matmul_flops, non_negative_float, output_file, peak_flops_per_device,
+                   peak_memory_gb, peer_failures_end_the_run, positive_float, resolve_device, resolve_dtype,
+                   set_all_seed, to_readable_format, warn)
 
 
 def parse_args():
@@ -36,7 +39,15 @@ def parse_args():
     parser.add_argument("--num_workers", type=integer(0), default=0, help="DataLoader worker processes")
     parser.add_argument("--num_proc", type=integer(1), default=1, help="processes for tokenizing the dataset")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--learning_rate", type=positive_float, default=1e-3)
+    parser.add_argument("--learning_rate", type=positive_float, default=1e-3, help="the peak learning rate")
+    parser.add_argument("--lr_scheduler_type", choices=["constant", "cosine"], default="cosine",
+                        help="after the warm-up: constant, or a cosine down to 10%% of the peak at the last step")
+    parser.add_argument("--warmup_steps", type=integer(0), default=None,
+                        help="steps of linear warm-up to the peak (default: a tenth of the run's steps)")
+    parser.add_argument("--max_grad_norm", type=non_negative_float, default=1.0,
+                        help="clip the global gradient L2 norm to this (0: no clipping)")
+    parser.add_argument("--weight_decay", type=non_negative_float, default=0.1,
+                        help="AdamW's decoupled weight decay, on the matrices only (not the norms' weights)")
     parser.add_argument("--seq_len", type=integer(1), default=128)
     parser.add_argument("--micro_batch_size", type=integer(1), default=4)
     parser.add_argument("--gradient_accumulation_steps", type=integer(1), default=2)
@@ -63,7 +74,8 @@ def parse_args():
 def train_step(model, data_loader, device):
     """One optimizer step's forward and backward passes: grad_acc_steps micro-batches whose
     gradients add up to the gradient of the mean loss over the whole batch."""
-    acc_loss = 0.0
+    # Summed on the device (in float64, as a Python float would be): reading it is the step's one host sync.
+    acc_loss = torch.zeros((), dtype=torch.float64, device=device)
     for i in range(data_loader.grad_acc_steps):
         # Data/context parallel: the micro-batches before the last only accumulate; the last one's backward
         # all-reduces the accumulated gradients.
@@ -78,7 +90,7 @@ def train_step(model, data_loader, device):
         # Scale so the accumulated gradient is that of the mean over all micro-batches.
         loss = loss / data_loader.grad_acc_steps
         loss.backward()
-        acc_loss += loss.item()
+        acc_loss += loss.detach()
     return acc_loss
 
 
@@ -108,7 +120,7 @@ def check_command_line(args, config, world_size):
 
 def build_model(args, config, device, dtype):
     """Every rank builds the same full model from the same seed, then keeps its part of it and wraps it for
-    the parallelism in use; and the optimizer."""
+    the parallelism in use; and the optimizer, with its two decay groups."""
     grid = pgm.process_group_manager
     set_all_seed(args.seed)
     model = Llama(config)
@@ -121,16 +133,17 @@ def build_model(args, config, device, dtype):
         model = PipelineParallel(model, config)  # keep only this stage's layers
     if grid.cp_dp_world_size > 1:
         model = DataParallelBucket(model, args.bucket_size_mb)  # average gradients over the dp x cp ranks
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    optimizer = torch.optim.AdamW(decay_groups(model.parameters(), args.weight_decay), lr=args.learning_rate)
     return model, optimizer
 
 
 class Progress:
-    """What the logging rank says: the run once, then a line per optimizer step with its loss, tokens/s, MFU and
-    memory, the same numbers going to --metrics_file and W&B."""
+    """What the logging rank says: the run once, then a line per optimizer step with its loss, gradient norm,
+    learning rate, tokens/s, MFU and memory, the same numbers going to --metrics_file and W&B."""
 
     def __init__(self, args, config, model, data_loader, device, dtype, world_size):
         self.args, self.device, self.world_size = args, device, world_size
+        self.tokens_per_step = data_loader.global_batch_size * args.seq_len
         self.logger = MetricsLogger(args.metrics_file, args.use_wandb, args.run_name, vars(args))
         num_params = sum(p.numel() for p in model.parameters())
         print(f"model: {args.model_name} | {to_readable_format(num_params)} parameters | device {device} {dtype} "
@@ -138,20 +151,31 @@ class Progress:
         # MFU counts the whole model's FLOPs whatever this rank holds, and each device's share of them.
         self.model_flops_per_token = flops_per_token(config, args.seq_len)
         self.peak_flops, peak_source = peak_flops_per_device(device, dtype, args.peak_tflops)
+        self.peak_measured = peak_source.startswith("measured")
         print(f"FLOPs per token: {to_readable_format(self.model_flops_per_token)} | peak per device: "
               f"{self.peak_flops / 1e12:.3f} TFLOPs ({peak_source})", flush=True)
 
-    def log_step(self, step, loss, trained_tokens, tokens_per_step, step_duration):
-        tokens_per_second = tokens_per_step / step_duration
+    def mfu(self, flops_per_device):
+        """Achieved over peak, and why it is above 100% if it is. A measured peak can read low when the machine was
+        busier while measuring than while training: then it is measured again, and kept if higher."""
+        if flops_per_device > self.peak_flops and self.peak_measured:
+            self.peak_flops = max(self.peak_flops, measure_matmul_flops(self.device, torch.float32))
+        mfu = flops_per_device / self.peak_flops
+        return mfu, "" if mfu <= 1 else " (above the measured peak: this CPU is shared; --peak_tflops sets it)"
+
+    def log_step(self, step, trained_tokens, step_duration, *, loss, grad_norm, lr):
+        tokens_per_second = self.tokens_per_step / step_duration
         flops_per_device = tokens_per_second * self.model_flops_per_token / self.world_size  # achieved FLOPs/s
-        metrics = {"step": step, "loss": loss, "tokens": trained_tokens, "tokens_per_second": tokens_per_second,
+        mfu, why = self.mfu(flops_per_device)
+        metrics = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": trained_tokens,
+                   "tokens_per_second": tokens_per_second,
                    "tokens_per_second_per_device": tokens_per_second / self.world_size,
-                   "tflops_per_device": flops_per_device / 1e12, "mfu": flops_per_device / self.peak_flops,
-                   "memory_gb": peak_memory_gb(self.device)}
-        print(f"Step: {step:<4d} | Loss: {loss:.4f} | Global batch size: {to_readable_format(tokens_per_step)} "
+                   "tflops_per_device": flops_per_device / 1e12, "mfu": mfu, "memory_gb": peak_memory_gb(self.device)}
+        print(f"Step: {step:<4d} | Loss: {loss:.4f} | Grad norm: {grad_norm:.3f} | LR: {lr:.2e} "
+              f"| Global batch size: {to_readable_format(self.tokens_per_step)} "
               f"| Tokens/s: {to_readable_format(tokens_per_second)} "
               f"| Tokens/s/device: {to_readable_format(tokens_per_second / self.world_size)} "
-              f"| TFLOPs/device: {flops_per_device / 1e12:.3f} | MFU: {metrics['mfu']:.1%} "
+              f"| TFLOPs/device: {flops_per_device / 1e12:.3f} | MFU: {mfu:.1%}{why} "
               f"| Tokens: {to_readable_format(trained_tokens)}/{to_readable_format(self.args.max_tokens)} "
               f"| Memory: {metrics['memory_gb']:.2f}GB", flush=True)
         self.logger.log(metrics)
@@ -183,6 +207,9 @@ def main():
     progress = Progress(args, config, model, data_loader, device, dtype, world_size) if is_logging_rank else None
 
     tokens_per_step = data_loader.global_batch_size * args.seq_len
+    total_steps = math.ceil(args.max_tokens / tokens_per_step)
+    warmup_steps = resolve_warmup_steps(args.warmup_steps, total_steps)
+    scheduler = lr_scheduler(optimizer, args.lr_scheduler_type, warmup_steps, total_steps)
     # activations between stages: this cp rank's tokens only
     tensor_shapes = (args.micro_batch_size, args.seq_len // args.cp_size, config.hidden_size)
     step, trained_tokens = 0, 0
@@ -196,17 +223,19 @@ def main():
             loss = train_step(model, data_loader, device)
         if grid.cp_dp_world_size > 1:
             model.finish_gradient_synchronization()  # waits for the buckets' all-reduces to land in param.grad
+        grad_norm = clip_grad_norm(model, args.max_grad_norm)  # the norm before clipping
+        lr = scheduler.get_last_lr()[0]  # this step's
         optimizer.step()
-        loss = average_loss_across_dp_cp_ranks(loss, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        scheduler.step()
+        loss = average_loss_across_dp_cp_ranks(loss)
+        loss, grad_norm = loss.item(), grad_norm.item()  # the step's one wait for the device
         step_duration = time.time() - step_start
         step += 1
         trained_tokens += tokens_per_step
         check_loss(loss, step)
 
         if progress:
-            progress.log_step(step, loss, trained_tokens, tokens_per_step, step_duration)
+            progress.log_step(step, trained_tokens, step_duration, loss=loss, grad_norm=grad_norm, lr=lr)
 
     if progress:
         progress.close()
