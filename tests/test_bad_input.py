@@ -134,7 +134,7 @@ BAD_NUMBERS = {"--omp_num_threads": "0", "--num_hidden_layers": "0", "--num_atte
                "--seq_len": "-1", "--micro_batch_size": "0", "--gradient_accumulation_steps": "0", "--max_tokens": "0",
                "--tp_size": "0", "--dp_size": "-1", "--pp_size": "0", "--cp_size": "0", "--bucket_size_mb": "-0.5",
                "--peak_tflops": "0", "--timeout_s": "inf", "--save_every": "-1", "--keep_last": "0",
-               "--zero_stage": "4"}
+               "--zero_stage": "4", "--max_grad_norm": "-1", "--weight_decay": "-0.1", "--warmup_steps": "-5"}
 
 
 def parser_of(step, monkeypatch):
@@ -190,6 +190,16 @@ def test_a_sequence_longer_than_the_model_declares_is_allowed_with_one_warning(t
     warnings = [line for line in run.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1 and "--seq_len 1100" in warnings[0] and "max_position_embeddings 1024" in warnings[0]
     assert re.search(r"^Step: 1 \| Loss: \d", run.stdout, flags=re.M), run
+
+
+def test_a_warm_up_longer_than_the_run_is_allowed_with_one_warning(torchrun):
+    """A short try of a long run's settings: allowed (the learning rate only rises), and said once."""
+    run = torchrun("step12", 1, "--warmup_steps", 50, "--max_tokens", 2 * 1024, "--seq_len", 64, plain=True)
+    assert run.returncode == 0, run
+    warnings = [line for line in run.stderr.splitlines() if line.startswith("warning: ")]
+    assert warnings == ["warning: --warmup_steps 50 is beyond the run's last step 4: the learning rate only rises, "
+                        "to 8% of --learning_rate"], run.stderr
+    assert run.lrs == pytest.approx([1e-3 * step / 50 for step in (1, 2, 3, 4)])
 
 
 @pytest.mark.parametrize("step", ["step1", "step11"])

@@ -25,12 +25,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from conftest import ROOT, import_step, max_abs_diff, run_env, step_dir, torchrun_command
+from conftest import (GRAD_NORM_EVERY_STEP, ROOT, TRAINING_LOOP, import_step, max_abs_diff, max_relative_diff, run_env,
+                      step_dir, torchrun_command)
 
 STEPS, SAVE_AT = 6, 3  # every run below trains 6 optimizer steps and saves at step 3 and at the end
 # A global batch of 4 sequences; 3 layers rather than the tiny model's 4: pipeline stages split them unevenly (2 + 1),
 # and an export must carry the override into its config.
-COMMON = ["--seq_len", 32, "--learning_rate", 1e-3, "--max_tokens", STEPS * 4 * 32, "--num_hidden_layers", 3]
+# The training loop of the parity runs: the save at step 3 falls inside the 5 warm-up steps.
+COMMON = ["--seq_len", 32, "--learning_rate", 1e-3, "--max_tokens", STEPS * 4 * 32, "--num_hidden_layers", 3,
+          *TRAINING_LOOP]
 LAYOUTS = {
     "baseline": (1, ["--micro_batch_size", 2, "--gradient_accumulation_steps", 2]),
     "tp2": (2, ["--micro_batch_size", 2, "--gradient_accumulation_steps", 2, "--tp_size", 2]),
@@ -114,6 +117,7 @@ def test_resume_in_the_same_layout_continues_the_same_losses_bit_for_bit(full_ru
     assert "resumed from step 3" in run.stdout
     assert [m["step"] for m in run.metrics] == [4, 5, 6]
     assert run.losses == full.losses[SAVE_AT:]  # identical floats, not merely close
+    assert run.grad_norms == full.grad_norms[SAVE_AT:] and run.lrs == full.lrs[SAVE_AT:]
 
 
 @pytest.mark.parametrize("source,target", RESHARD)
@@ -127,6 +131,9 @@ def test_resume_in_another_layout_matches_an_uninterrupted_run_of_that_layout(fu
     assert first <= 1e-5 and worst <= 1e-4, (run.losses, reference.losses)
     # a model that lost its trained weights would start again near ln(4096) = 8.3
     assert run.losses[0] < reference.losses[0] - 0.3
+    # saved at step 3 of a 5-step warm-up: the schedule and the clipping continue where they were
+    assert run.lrs == reference.lrs[SAVE_AT:] and run.lrs[0] == pytest.approx(0.8e-3)
+    assert max_relative_diff(run.grad_norms, reference.grad_norms[SAVE_AT:]) <= GRAD_NORM_EVERY_STEP
 
 
 def test_a_new_learning_rate_is_honoured_and_said(full_runs, resumed):
@@ -463,6 +470,7 @@ def test_zero_resume_in_the_same_layout_continues_bit_for_bit(zero_runs, name):
     assert run.returncode == 0, run
     assert [m["step"] for m in run.metrics] == [4, 5, 6]
     assert run.losses == full.losses[SAVE_AT:]
+    assert run.grad_norms == full.grad_norms[SAVE_AT:] and run.lrs == full.lrs[SAVE_AT:]
 
 
 def test_each_zero_shard_is_written_once_by_the_rank_that_owns_it(zero_runs, torchrun):
@@ -499,6 +507,8 @@ def test_a_zero_2_checkpoint_resumes_in_another_layout_and_stage(zero_runs, full
     assert [m["step"] for m in run.metrics] == [4, 5, 6]
     assert abs(run.losses[0] - reference.losses[SAVE_AT]) <= 1e-5
     assert max_abs_diff(run.losses, reference.losses[SAVE_AT:]) <= 1e-4, (run.losses, reference.losses)
+    assert run.lrs == reference.lrs[SAVE_AT:]
+    assert max_relative_diff(run.grad_norms, reference.grad_norms[SAVE_AT:]) <= GRAD_NORM_EVERY_STEP
 
 
 def test_a_step_10_checkpoint_resumes_in_step_11_bit_for_bit(zero_runs, full_runs):
@@ -508,6 +518,7 @@ def test_a_step_10_checkpoint_resumes_in_step_11_bit_for_bit(zero_runs, full_run
     assert run.returncode == 0, run
     assert "resumed from step 3" in run.stdout
     assert run.losses == reference.losses[SAVE_AT:]
+    assert run.grad_norms == reference.grad_norms[SAVE_AT:] and run.lrs == reference.lrs[SAVE_AT:]
 
 
 def test_export_of_a_zero_2_checkpoint_loads_in_transformers(zero_runs, tmp_path):

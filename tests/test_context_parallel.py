@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, assert_parity, import_step, run_env
+from conftest import ROOT, TRAINING_LOOP, assert_parity, import_step, run_env
 
 # The same global batch of 4 sequences as the 3D test in test_pipeline_parallel.py (so the step3 baseline
 # and the step8 run are shared with it through the run cache): micro_batch_size x grad_acc x dp_size = 4.
-COMMON = ["--seq_len", 32, "--learning_rate", 1e-3, "--gradient_accumulation_steps", 2, "--max_tokens", 20 * 4 * 32]
+COMMON = ["--seq_len", 32, "--learning_rate", 1e-3, "--gradient_accumulation_steps", 2, "--max_tokens", 20 * 4 * 32,
+          *TRAINING_LOOP]
 BASELINE = ("step3", 1, "--micro_batch_size", 2)
 STEP8_3D = ("step8", 8, "--micro_batch_size", 1, "--tp_size", 2, "--pp_size", 2, "--dp_size", 2, "--pp_engine", "1f1b")
 LAYOUTS = {

@@ -10,12 +10,13 @@ import sys
 
 import pytest
 
-from conftest import ROOT, max_abs_diff, run_env
+from conftest import ROOT, TRAINING_LOOP, assert_parity, run_env
 
 STEPS = ("step5", "step6")
 STEPS_FLAGS = {"step5": [], "step6": ["--bucket_size_mb", 1]}  # 1 MB: several buckets on the tiny model
 # 20 optimizer steps of a global batch of 4 chunks of 32 tokens, with gradient accumulation 2
-SMALL = ["--seq_len", 32, "--learning_rate", 1e-3, "--gradient_accumulation_steps", 2, "--max_tokens", 20 * 4 * 32]
+SMALL = ["--seq_len", 32, "--learning_rate", 1e-3, "--gradient_accumulation_steps", 2, "--max_tokens", 20 * 4 * 32,
+         *TRAINING_LOOP]
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +49,7 @@ def dp_check(tmp_path_factory):
 @pytest.mark.parametrize("step", STEPS)
 def test_dp2_matches_the_single_process_baseline(torchrun, baseline, step):
     run = torchrun(step, 2, *SMALL, "--micro_batch_size", 1, "--dp_size", 2, *STEPS_FLAGS[step])
-    assert run.returncode == 0, run
-    assert abs(run.losses[0] - baseline.losses[0]) <= 1e-5, (run.losses[0], baseline.losses[0])
-    assert max_abs_diff(run.losses, baseline.losses) <= 1e-4, (run.losses, baseline.losses)
+    assert_parity(run, baseline, steps=20)
     for m in run.metrics:
         assert m["tokens"] == m["step"] * 4 * 32  # the global batch counts both replicas' chunks
         assert m["tokens_per_second_per_device"] == pytest.approx(m["tokens_per_second"] / 2)
@@ -60,9 +59,7 @@ def test_dp2_matches_the_single_process_baseline(torchrun, baseline, step):
 @pytest.mark.parametrize("step", STEPS)
 def test_dp2_tp2_matches_the_single_process_baseline(torchrun, baseline, step):
     run = torchrun(step, 4, *SMALL, "--micro_batch_size", 1, "--dp_size", 2, "--tp_size", 2, *STEPS_FLAGS[step])
-    assert run.returncode == 0, run
-    assert abs(run.losses[0] - baseline.losses[0]) <= 1e-5, (run.losses[0], baseline.losses[0])
-    assert max_abs_diff(run.losses, baseline.losses) <= 1e-4, (run.losses, baseline.losses)
+    assert_parity(run, baseline, steps=20)
     assert all(m["tokens_per_second_per_device"] == pytest.approx(m["tokens_per_second"] / 4) for m in run.metrics)
 
 

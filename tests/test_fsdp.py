@@ -101,6 +101,7 @@ def test_a_zero_3_checkpoint_resumes_bit_for_bit(checkpoint_runs):
         "pp00_tp00_shard00.safetensors", "pp00_tp00_shard01.safetensors"]
     assert [m["step"] for m in run.metrics] == [4, 5, 6]
     assert run.losses == full.losses[SAVE_AT:]  # identical floats
+    assert run.grad_norms == full.grad_norms[SAVE_AT:] and run.lrs == full.lrs[SAVE_AT:]
 
 
 def test_a_zero_3_checkpoint_resumes_at_stage_0_and_back_at_stage_3_in_another_layout(checkpoint_runs):

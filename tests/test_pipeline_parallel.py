@@ -14,11 +14,11 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from conftest import ROOT, assert_parity, import_step, max_abs_diff, run_env, torchrun_command
+from conftest import ROOT, TRAINING_LOOP, assert_parity, import_step, max_abs_diff, run_env, torchrun_command
 
 GRAD_ACC = 4  # >= every pp_size below, so the pipeline fills
 SMALL = ["--seq_len", 32, "--learning_rate", 1e-3, "--micro_batch_size", 1, "--gradient_accumulation_steps", GRAD_ACC,
-         "--max_tokens", 20 * GRAD_ACC * 32]  # exactly 20 optimizer steps
+         "--max_tokens", 20 * GRAD_ACC * 32, *TRAINING_LOOP]  # exactly 20 optimizer steps
 
 # (step, engine, pp_size, num_hidden_layers): every engine of every step at pp 2 and 4, once with the tiny
 # model's 4 layers (an even split) and once with 5 (uneven: 3+2 on pp 2, 2+1+1+1 on pp 4).

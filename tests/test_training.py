@@ -57,6 +57,8 @@ def test_same_seed_same_losses_and_other_seed_differs(torchrun):
 def test_metrics_file_is_json_lines_with_the_documented_keys(torchrun):
     run = accumulation_run(torchrun, 4, 1)
     for m in run.metrics:
-        assert {"step", "loss", "tokens", "tokens_per_second", "tokens_per_second_per_device"} <= set(m)
+        assert {"step", "loss", "grad_norm", "lr", "tokens", "tokens_per_second", "tokens_per_second_per_device",
+                "tflops_per_device", "mfu", "memory_gb"} == set(m)
         assert isinstance(m["step"], int) and isinstance(m["loss"], float)
+        assert m["grad_norm"] > 0 and m["lr"] > 0
     json.dumps(run.metrics)

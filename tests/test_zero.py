@@ -13,16 +13,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ROOT, assert_parity, import_step, max_abs_diff, run_env
+from conftest import ROOT, TRAINING_LOOP, assert_parity, import_step, max_abs_diff, run_env
 
 # The global batch of 4 sequences of the other parity tests (the step3 baseline run is shared with them).
-COMMON = ["--seq_len", 32, "--learning_rate", 1e-3, "--max_tokens", 20 * 4 * 32, "--bucket_size_mb", 1]
+COMMON = ["--seq_len", 32, "--learning_rate", 1e-3, "--max_tokens", 20 * 4 * 32, "--bucket_size_mb", 1, *TRAINING_LOOP]
 # The runs that only need to equal another bit for bit (or stay near fp32) stop after 10 steps: a run that stops
 # earlier takes the same first steps.
 SHORT = ["--max_tokens", 10 * 4 * 32]
 DP2 = ["--micro_batch_size", 1, "--gradient_accumulation_steps", 2, "--dp_size", 2]
 BASELINE = ("step3", 1, "--seq_len", 32, "--learning_rate", 1e-3, "--gradient_accumulation_steps", 2,
-            "--max_tokens", 20 * 4 * 32, "--micro_batch_size", 2)
+            "--max_tokens", 20 * 4 * 32, "--micro_batch_size", 2, *TRAINING_LOOP)
 LAYOUTS = {
     "dp2_zero1": (2, *DP2, "--zero_stage", 1),
     "dp2_zero2": (2, *DP2, "--zero_stage", 2),

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import import_step  # noqa: E402
 
-pgm, tp, model_module = import_step("step4", "process_group_manager", "tensor_parallel", "model")
+pgm, tp, model_module, optimizer = import_step("step4", "process_group_manager", "tensor_parallel", "model", "optimizer")
 
 BATCH, SEQ, IN, OUT = 2, 5, 32, 48  # OUT and the vocabularies below divide by tp = 2 and 4
 
@@ -117,6 +117,24 @@ def check_llama(results, tied):
     # The largest relative gradient error over all parameters: init-scale gradients are small.
     relative = [compare(full_params[n].grad, sharded_params[n].grad) for n in full_params]
     results[f"{name}.grad_relative"] = (max(d / r for d, r in relative), 1.0)
+    check_global_norm(results, name, full, sharded)
+
+
+def check_global_norm(results, name, full, sharded):
+    """The global gradient norm of the sharded model (step 4's clip_grad_norm: shards summed over tp, a norm weight
+    counted once) against the full model's, on every rank; what it would be if every tp rank counted the norm
+    weights (so the test can tell); and the gradients after clipping to half the norm, against the full model's."""
+    full_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in full.parameters()])).item()
+    tp_sharded = tp.tp_sharded_parameters(sharded)
+    replicated = sum(p.grad.pow(2).sum().item() for p in sharded.parameters() if p not in tp_sharded)
+    norm = optimizer.clip_grad_norm(sharded, max_norm=full_norm / 2).item()
+    results[f"{name}.grad_norm"] = (abs(norm - full_norm), full_norm)
+    counted_tp_times = (norm**2 + (pgm.process_group_manager.tp_world_size - 1) * replicated) ** 0.5
+    results[f"{name}.grad_norm_if_norm_weights_counted_tp_times"] = (abs(counted_tp_times - full_norm), full_norm)
+    torch.nn.utils.clip_grad_norm_(full.parameters(), max_norm=full_norm / 2)
+    full_params, sharded_params = dict(full.named_parameters()), dict(sharded.named_parameters())
+    relative = [compare(full_params[n].grad, sharded_params[n].grad) for n in full_params]
+    results[f"{name}.clipped_grad_relative"] = (max(d / r for d, r in relative), 1.0)
 
 
 def main():
