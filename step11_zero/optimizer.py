@@ -60,8 +60,11 @@ def lr_scheduler(optimizer, schedule, warmup_steps, total_steps, steps_done=0):
 
 
 def sum_of_squares(grads, device):
-    """The sum of the squared elements of every tensor, in fp32."""
-    return sum((grad.float().pow(2).sum() for grad in grads), torch.zeros((), device=device))
+    """The sum of the squared elements of every tensor, added up in fp64: the fp32 norm taken from it is then the
+    same however the elements are cut into tensors, shards and pieces, and in whatever order they are added, so
+    every layout clips by the same factor (to the last bit, but for a sum that lands on a rounding boundary)."""
+    return sum((grad.float().pow(2).sum(dtype=torch.float64) for grad in grads),
+               torch.zeros((), dtype=torch.float64, device=device))
 
 
 def clip_grad_norm(model, max_norm):
@@ -83,7 +86,7 @@ def clip_grad_norm(model, max_norm):
     # Pipeline parallel: each stage holds its own layers, so the stages' squares add up.
     if grid.pp_world_size > 1:
         dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=grid.pp_group)
-    norm = squares.sqrt()
+    norm = squares.sqrt().float()
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for grad in grads:

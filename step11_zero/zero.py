@@ -258,7 +258,7 @@ class ZeroAdamW:
             dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=grid.tp_group)
         if grid.pp_world_size > 1:
             dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=grid.pp_group)
-        norm = squares.sqrt()
+        norm = squares.sqrt().float()
         if max_norm > 0:
             scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
             for bucket in self.buckets:

@@ -54,8 +54,11 @@ def lr_scheduler(optimizer, schedule, warmup_steps, total_steps):
 
 
 def sum_of_squares(grads, device):
-    """The sum of the squared elements of every tensor, in fp32."""
-    return sum((grad.float().pow(2).sum() for grad in grads), torch.zeros((), device=device))
+    """The sum of the squared elements of every tensor, added up in fp64: the fp32 norm taken from it is then the
+    same however the elements are cut into tensors, shards and pieces, and in whatever order they are added, so
+    every layout clips by the same factor (to the last bit, but for a sum that lands on a rounding boundary)."""
+    return sum((grad.float().pow(2).sum(dtype=torch.float64) for grad in grads),
+               torch.zeros((), dtype=torch.float64, device=device))
 
 
 def clip_grad_norm(model, max_norm):

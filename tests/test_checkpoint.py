@@ -570,7 +570,8 @@ def one_rank_run(step):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     config.head_dim = 8
     args = SimpleNamespace(seq_len=16, seed=1, micro_batch_size=1, gradient_accumulation_steps=1, dp_size=1,
-                           learning_rate=1e-3, dataset_name=str(ROOT / "assets" / "tiny_stories"),
+                           learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=None, max_grad_norm=1.0,
+                           weight_decay=0.1, dataset_name=str(ROOT / "assets" / "tiny_stories"),
                            model_name=str(ROOT / "assets" / "tiny_llama"))
     run = checkpoint.run_settings(args, config)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -901,7 +902,9 @@ def test_a_resume_knows_its_dataset_by_content_not_by_path(step, tmp_path):
 
     def run_on(dataset):
         args = SimpleNamespace(seq_len=16, seed=1, micro_batch_size=1, gradient_accumulation_steps=1, dp_size=1,
-                               learning_rate=1e-3, dataset_name=str(dataset), model_name=str(ROOT / "assets" / "tiny_llama"))
+                               learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=None, max_grad_norm=1.0,
+                               weight_decay=0.1, dataset_name=str(dataset),
+                               model_name=str(ROOT / "assets" / "tiny_llama"))
         return checkpoint.run_settings(args, config)
 
     saved = json.loads(json.dumps(run_on(ROOT / "assets" / "tiny_stories")))

@@ -17,10 +17,10 @@ from transformers import LlamaConfig
 
 from conftest import ROOT, import_step
 
-# The single-process fp32 baseline of tests/test_data_parallel.py and tests/test_tensor_parallel.py (same command
-# line, so one launch serves all three files): 20 steps of a global batch of 4 chunks of 32 tokens.
+# The single-process fp32 run of the bf16 runs below: 10 steps of a global batch of 4 chunks of 32 tokens, with the
+# default training loop (the same number of steps, so the same warm-up and cosine).
 FP32_BASELINE = ["--seq_len", 32, "--learning_rate", 1e-3, "--gradient_accumulation_steps", 2,
-                 "--max_tokens", 20 * 4 * 32, "--micro_batch_size", 2]
+                 "--max_tokens", 10 * 4 * 32, "--micro_batch_size", 2]
 # The same global batch in bf16 for 10 steps, in three layouts; a fixed peak makes MFU deterministic.
 PEAK_TFLOPS = 0.01
 BF16 = ["--seq_len", 32, "--learning_rate", 1e-3, "--max_tokens", 10 * 4 * 32, "--dtype", "bfloat16",
@@ -127,14 +127,14 @@ def test_bf16_on_cpu_trains_close_to_fp32(runs, step):
     """bf16 weights and activations, fp32 loss (and fp32 gradient buckets in step 6): steps 3 (1 process),
     6 (dp 2) and 8 (pp 2, 1F1B) against the fp32 single-process run of the same global batch (which every
     fp32 layout reproduces to 1e-5, tests/test_*_parallel.py).
-    Measured on the CPU (10 steps, loss 8.36 -> 6.81): |dloss| 2.4e-4 at step 1 (bf16 rounding of the same
-    weights), at most 3.8e-3 (step 3), 4.9e-3 (step 6), 4.4e-3 (step 8) over the 10 steps, as the rounding of
-    the updates accumulates. Tolerances: 1e-3 at step 1 and 1e-2 throughout, about twice the measured gaps
-    and well under the 1.5 the loss falls; a loss or a gradient sum kept in bf16 would move the loss by
-    more (bf16 spaces values near 8 by 0.03)."""
-    bf16, fp32 = runs[step].losses, runs["fp32"].losses[:10]
+    Measured on the CPU (10 steps with the default warm-up, cosine and clipping, loss 8.36 -> 7.33): |dloss|
+    3.5e-4 at step 1 (bf16 rounding of the same weights), at most 3.8e-3 (step 3), 3.5e-3 (step 6), 3.6e-3
+    (step 8) over the 10 steps, as the rounding of the updates accumulates. Tolerances: 1e-3 at step 1 and 1e-2
+    throughout, two to three times the measured gaps and well under the 1.0 the loss falls; a loss or a gradient
+    sum kept in bf16 would move the loss by more (bf16 spaces values near 8 by 0.03)."""
+    bf16, fp32 = runs[step].losses, runs["fp32"].losses
     assert len(bf16) == 10 and all(math.isfinite(loss) for loss in bf16)
-    assert bf16[-1] < bf16[0] - 1.0, bf16
+    assert bf16[-1] < bf16[0] - 0.5, bf16
     assert abs(bf16[0] - fp32[0]) <= 1e-3, (bf16, fp32)
     assert max(abs(a - b) for a, b in zip(bf16, fp32)) <= 1e-2, (bf16, fp32)
 

@@ -17,9 +17,9 @@ from conftest import ROOT, TRAINING_LOOP, assert_parity, import_step, max_abs_di
 
 # The global batch of 4 sequences of the other parity tests (the step3 baseline run is shared with them).
 COMMON = ["--seq_len", 32, "--learning_rate", 1e-3, "--max_tokens", 20 * 4 * 32, "--bucket_size_mb", 1, *TRAINING_LOOP]
-# The runs that only need to equal another bit for bit (or stay near fp32) stop after 10 steps: a run that stops
-# earlier takes the same first steps.
-SHORT = ["--max_tokens", 10 * 4 * 32]
+# The runs that only need to equal another bit for bit (or stay near fp32) stop after 10 steps, at a constant learning
+# rate of 3e-4: updates small enough that bf16 weights round many of them away (test_bf16_training_...).
+SHORT = ["--max_tokens", 10 * 4 * 32, "--learning_rate", 3e-4, "--lr_scheduler_type", "constant", "--warmup_steps", 0]
 DP2 = ["--micro_batch_size", 1, "--gradient_accumulation_steps", 2, "--dp_size", 2]
 BASELINE = ("step3", 1, "--seq_len", 32, "--learning_rate", 1e-3, "--gradient_accumulation_steps", 2,
             "--max_tokens", 20 * 4 * 32, "--micro_batch_size", 2, *TRAINING_LOOP)
@@ -42,6 +42,8 @@ def runs(torchrun):
                 **{name: ("step11", nproc, *COMMON, *args) for name, (nproc, *args) in LAYOUTS.items()},
                 "step10_dp2": ("step10", 2, *COMMON, *DP2, *SHORT),
                 "dp2_zero0": ("step11", 2, *COMMON, *DP2, *SHORT, "--zero_stage", 0),
+                "dp2_zero1_short": ("step11", 2, *COMMON, *DP2, *SHORT, "--zero_stage", 1),
+                "bf16_step10_dp2": ("step10", 2, *COMMON, *DP2, *BF16, *SHORT),
                 "bf16_dp2_zero0": ("step11", 2, *COMMON, *DP2, *BF16, *SHORT, "--zero_stage", 0),
                 "bf16_dp2_zero1": ("step11", 2, *COMMON, *DP2, *BF16, *SHORT, "--zero_stage", 1)}
 
@@ -69,22 +71,28 @@ def test_zero_stage_0_in_fp32_reproduces_step_10_bit_for_bit(runs):
 def test_zero_stage_1_equals_stage_0_bit_for_bit_at_dp_2(runs, dtype):
     """A reduce-scatter then an all-gather compute what one all-reduce does; with two ranks each sum has a
     single rounding whichever collective takes it, so the runs agree exactly."""
-    prefix = "bf16_" if dtype == "bf16" else ""
-    stage0, stage1 = runs[f"{prefix}dp2_zero0"], runs[f"{prefix}dp2_zero1"]
+    stage0, stage1 = (runs["dp2_zero0"], runs["dp2_zero1_short"]) if dtype == "fp32" else (
+        runs["bf16_dp2_zero0"], runs["bf16_dp2_zero1"])
     assert stage0.returncode == 0, stage0
     assert stage1.returncode == 0, stage1
-    assert len(stage0.losses) == 10 and stage1.losses[:10] == stage0.losses
+    assert len(stage0.losses) == 10 and stage1.losses == stage0.losses
+    assert stage1.grad_norms == stage0.grad_norms
+
+
+# Largest |dloss| from the fp32 run over the 10 SHORT steps (loss 8.36 -> 7.63) at dp 2. Measured with torch 2.13 on
+# an AMD EPYC CPU: 3.3e-3 for bf16 with the fp32 master (step 11, ZeRO-1), 9.0e-3 for bf16 without one (step 10,
+# whose AdamW updates the bf16 weights directly). The tolerance sits between them.
+BF16_MASTER_TOLERANCE = 6e-3
 
 
 def test_bf16_training_with_an_fp32_master_stays_near_fp32(runs):
-    """bf16 compute with the fp32 master learns what fp32 learns, to bf16 rounding of the forward and backward.
-    Measured on the CPU: |dloss| at most 8e-4 over 10 steps (loss 8.36 -> 6.77) and 1.35e-3 over 20 against the
-    fp32 run (step 10's bf16, which updates bf16 weights directly, drifts 4.9e-3 from fp32 within 10 steps:
-    tests/test_cost.py)."""
-    bf16, fp32 = runs["bf16_dp2_zero1"], runs["dp2_zero1"]
-    assert len(bf16.losses) == 10 and all(math.isfinite(loss) for loss in bf16.losses)
-    assert bf16.losses[-1] < bf16.losses[0] - 1.0
-    assert max_abs_diff(bf16.losses, fp32.losses[:10]) <= 5e-3, (bf16.losses, fp32.losses)
+    """bf16 compute with the fp32 master learns what fp32 learns, to bf16 rounding of the forward and backward;
+    the same run without the master (step 10 in bf16) drifts further than the tolerance, so the test can tell."""
+    bf16, fp32, no_master = runs["bf16_dp2_zero1"], runs["dp2_zero1_short"], runs["bf16_step10_dp2"]
+    assert len(bf16.losses) == len(no_master.losses) == 10 and all(math.isfinite(loss) for loss in bf16.losses)
+    assert bf16.losses[-1] < bf16.losses[0] - 0.5
+    assert max_abs_diff(bf16.losses, fp32.losses) <= BF16_MASTER_TOLERANCE, (bf16.losses, fp32.losses)
+    assert max_abs_diff(no_master.losses, fp32.losses) > BF16_MASTER_TOLERANCE, (no_master.losses, fp32.losses)
 
 
 def test_the_log_names_the_zero_stage(runs):
@@ -161,7 +169,8 @@ def test_the_fp32_master_keeps_updates_that_bf16_weights_round_away(monkeypatch)
     move; with the fp32 master they move as an fp32 run's do (the master is that run's weights, bit for bit,
     because the gradient, ones, is exact in bf16), and after 100 steps the bf16 copy follows."""
     pgm, zero = import_step("step11", "process_group_manager", "zero")
-    monkeypatch.setattr(pgm, "process_group_manager", SimpleNamespace(cp_dp_world_size=1, cp_dp_group=None))
+    monkeypatch.setattr(pgm, "process_group_manager", SimpleNamespace(
+        cp_dp_world_size=1, cp_dp_group=None, tp_rank=0, tp_world_size=1, pp_world_size=1))
 
     def linear(dtype):
         layer = torch.nn.Linear(64, 1, bias=False)

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from benchmark_zero import cpu_name, model_arguments, model_config  # noqa: E402  (puts step12_fsdp on the path)
 import process_group_manager as pgm  # noqa: E402
 from model import Llama  # noqa: E402
+from optimizer import decay_groups  # noqa: E402
 from zero import ZeroAdamW, ZeroDataParallel  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tools" / "lib"))
@@ -56,7 +57,7 @@ def parse_args():
 def build_ours(config, args):
     torch.manual_seed(0)  # both start from the same weights
     model = ZeroDataParallel(Llama(config), zero_stage=3)
-    return model, ZeroAdamW(model, lr=args.learning_rate)
+    return model, ZeroAdamW(model, lr=args.learning_rate, weight_decay=0.1)
 
 
 def build_torch(config, args):
@@ -66,7 +67,8 @@ def build_torch(config, args):
     for layer in model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    return model, torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    # the same two groups as ours: the matrices decay, the norm weights do not
+    return model, torch.optim.AdamW(decay_groups(model.parameters(), weight_decay=0.1), lr=args.learning_rate)
 
 
 def train_step(kind, model, optimizer, tokens):
