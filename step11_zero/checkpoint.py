@@ -27,10 +27,9 @@ A file is written under a temporary name, fsynced and renamed, and a checkpoint 
 exists, written and fsynced after every file is on the disk: a run killed mid-save, or a machine losing
 power, leaves the previous one usable. Each file's metadata carries the sha256 of its tensors, its step and
 the id of its save; a resume checks them all before training, so bytes changed on the disk, a file from
-another step or another save, or non-finite values are refused by name instead of trained on (step 10's
-files from before checksums load unverified). Nothing after initialisation draws random numbers (no
-dropout; the data order depends on the seed and the epoch only), so a resume is exact without saving any
-RNG state.
+another step or another save, or non-finite values are refused by name instead of trained on. Nothing
+after initialisation draws random numbers (no dropout; the data order depends on the seed and the epoch
+only), so a resume is exact without saving any RNG state.
 """
 import hashlib
 import json
@@ -77,12 +76,9 @@ def run_settings(args, config):
 
 
 def run_differences(saved, run):
-    """What differs between a checkpoint's run and this one, as 'name saved vs this' (empty for the same run).
-    A step 10 checkpoint saved before fingerprints has none to compare: its dataset is compared by real path."""
+    """What differs between a checkpoint's run and this one, as 'name saved vs this' (empty for the same run)."""
     run = json.loads(json.dumps(run))  # as the checkpoint holds it: tuples as lists
-    names = [name for name in SAME_RUN if name in saved or name not in ("tokenizer", "dataset")]
-    names += [] if "dataset" in saved else ["dataset_name"]
-    differing = [f"{name} {saved.get(name)!r} vs {run[name]!r}" for name in names if saved.get(name) != run[name]]
+    differing = [f"{name} {saved[name]!r} vs {run[name]!r}" for name in SAME_RUN if saved[name] != run[name]]
     config = run["config"]
     for key in sorted(set(saved["config"]) | set(config)):
         if key not in NOT_MATH and key not in SAME_RUN and saved["config"].get(key) != config.get(key):
@@ -154,23 +150,19 @@ def tensors_sha256(tensors):
 def file_damage(path, step, save_id):
     """Why one file of the checkpoint of `step` cannot be trusted (None if it can): its metadata lacks a key, it
     belongs to another step or another save (save_id: the first file's), its bytes no longer match their
-    checksum, or it holds values that are not finite. A step 10 file (no "shards" in its layout) saved before
-    checksums has neither save_id nor sha256 and is checked for the rest."""
+    checksum, or it holds values that are not finite."""
     with safe_open(path, framework="pt") as f:  # opening checks the header and that the file is as long as it says
         metadata = json.loads((f.metadata() or {}).get("json", "{}"))
-        layout = metadata.get("layout", {})
-        legacy = "sha256" not in metadata and layout and "shards" not in layout
-        missing = [key for key in METADATA_KEYS if key not in metadata and not (legacy and key in ("save_id", "sha256"))]
-        missing += [f"run.{key}" for key in RUN_KEYS if key not in metadata.get("run", {})
-                    and not (legacy and key in ("tokenizer", "dataset"))]
+        missing = [key for key in METADATA_KEYS if key not in metadata]
+        missing += [f"run.{key}" for key in RUN_KEYS if key not in metadata.get("run", {})]
         if missing:
             return f"its metadata lacks the key {missing[0]!r}"
         if metadata["step"] != step:
             return f"it holds step {metadata['step']}, not {step}"
-        if metadata.get("save_id") != save_id:
+        if metadata["save_id"] != save_id:
             return f"it is from another save of step {step} than the checkpoint's first file"
         tensors = {key: f.get_tensor(key) for key in f.keys()}
-    if not legacy and tensors_sha256(tensors) != metadata["sha256"]:
+    if tensors_sha256(tensors) != metadata["sha256"]:
         return "its tensors do not match their checksum (bytes changed after the save)"
     not_finite = [key for key, tensor in tensors.items() if not torch.isfinite(tensor).all()]
     if not_finite:

@@ -64,8 +64,6 @@ def check_save_dir(save_dir, resume, run):
              (f"the newest intact one is {intact[-1]}: move {newest} out of --save_dir to resume from it"
               if intact else "no older checkpoint is intact"))
     saved = read_metadata(newest)
-    if "sha256" not in saved:
-        warn(f"--resume: {newest} is in step 10's format from before checksums: loaded unverified")
     differing = run_differences(saved["run"], run)
     if differing:
         fail(f"--resume: {newest} is from another run; checkpoint vs this run: {'; '.join(differing)}. "

@@ -699,26 +699,6 @@ def test_resume_says_it_skips_a_cut_short_save_and_refuses_another_config_or_tok
     assert "_name_or_path" not in error, error
 
 
-def test_a_step_10_checkpoint_from_before_checksums_loads_unverified_in_step_11(tmp_path, capsys):
-    with one_rank_run("step11") as (checkpoint, save, run, guards):
-        save(tmp_path, 2)
-    folder = tmp_path / "step_000002"
-
-    def as_step_10_wrote_it(metadata, _):
-        for key in ("save_id", "sha256"):
-            metadata.pop(key)
-        metadata["layout"].pop("shards")
-        metadata["run"].pop("tokenizer")
-        metadata["run"].pop("dataset")
-
-    rewrite(folder / "pp00_tp00_shard00.safetensors", as_step_10_wrote_it)
-    (folder / "pp00_tp00_shard00.safetensors").rename(folder / "pp00_tp00.safetensors")
-    capsys.readouterr()
-    assert guards.check_save_dir(str(tmp_path), resume=True, run=run) == str(folder)
-    assert f"warning: --resume: {folder} is in step 10's format from before checksums: loaded unverified" in \
-        capsys.readouterr().err
-
-
 @pytest.mark.parametrize("step", ["step10", "step11", "step12"])
 def test_a_save_reaches_the_disk_before_complete_and_a_full_disk_removes_the_partial_save(
         step, tmp_path, monkeypatch, capsys):

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, run_env
+from conftest import GRAD_NORM_EVERY_STEP, ROOT, run_env
 
 
 def test_sanity_check_tool_reduced(tmp_path):
@@ -27,6 +27,7 @@ def test_sanity_check_tool_reduced(tmp_path):
         assert row["steps"] == 5
         assert row["step1_abs_dloss"] <= 1e-5, row
         assert row["max_abs_dloss"] <= 1e-4, row
+        assert row["max_rel_dgrad_norm"] <= GRAD_NORM_EVERY_STEP, row
         # the summary is computed from the metrics files the runs wrote
         losses = [json.loads(line)["loss"] for line in (out_dir / f"{name}.jsonl").read_text().splitlines()]
         assert row["max_abs_dloss"] == max(abs(a - b) for a, b in zip(losses, base))

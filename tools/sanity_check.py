@@ -10,8 +10,8 @@ check with the same global batch (micro_batch_size x gradient_accumulation_steps
     3d        step8, --tp_size 2 --pp_size 2 --dp_size 2 --pp_engine 1f1b, micro batch / 2
     cp4       step9, --cp_size 4 (context parallel: every sequence split over 4 ranks)
 
-then prints a table (final loss, max |dloss| against the baseline over all steps) and draws the
-loss curves plus |dloss| on a log scale.
+then prints a table (final loss, max |dloss| and the largest relative difference of the global gradient norm
+against the baseline over all steps) and draws the loss curves plus |dloss| on a log scale.
 
     python tools/sanity_check.py                        # embedded defaults on the CPU, ~4 min on 2 cores
     python tools/sanity_check.py --model_name TinyLlama/TinyLlama_v1.1 --dataset_name roneneldan/TinyStories \\
@@ -81,6 +81,10 @@ def layout_command(args, name):
     return command
 
 
+def read_metrics(args, name, key):
+    return [json.loads(line)[key] for line in (args.out_dir / f"{name}.jsonl").read_text().splitlines()]
+
+
 def run_layouts(args):
     args.out_dir.mkdir(parents=True, exist_ok=True)
     losses = {}
@@ -98,25 +102,27 @@ def run_layouts(args):
     return losses
 
 
-def summarize(losses):
-    """Rows of (layout, steps, final loss, max |dloss| vs baseline, |dloss| at step 1)."""
-    base = losses["baseline"]
+def summarize(losses, grad_norms):
+    """Rows of (layout, steps, final loss, max |dloss| vs baseline, |dloss| at step 1, max relative difference of
+    the global gradient norm vs baseline)."""
+    base, base_norms = losses["baseline"], grad_norms["baseline"]
     rows = []
     for name, curve in losses.items():
         if len(curve) != len(base):
             sys.exit(f"error: layout {name} ran {len(curve)} steps, the baseline {len(base)}")
         deltas = [abs(a - b) for a, b in zip(curve, base)]
+        norm_deltas = [abs(a - b) / b for a, b in zip(grad_norms[name], base_norms)]
         rows.append({"layout": name, "steps": len(curve), "final_loss": curve[-1], "max_abs_dloss": max(deltas),
-                     "step1_abs_dloss": deltas[0]})
+                     "step1_abs_dloss": deltas[0], "max_rel_dgrad_norm": max(norm_deltas)})
     return rows
 
 
 def format_table(rows):
-    lines = ["| layout | steps | final loss | max abs dloss vs baseline | abs dloss at step 1 |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = ["| layout | steps | final loss | max abs dloss vs baseline | abs dloss at step 1 "
+             "| max rel. d(grad norm) vs baseline |", "| --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         lines.append(f"| {row['layout']} | {row['steps']} | {row['final_loss']:.4f} | {row['max_abs_dloss']:.2e} "
-                     f"| {row['step1_abs_dloss']:.2e} |")
+                     f"| {row['step1_abs_dloss']:.2e} | {row['max_rel_dgrad_norm']:.2e} |")
     return "\n".join(lines)
 
 
@@ -152,12 +158,9 @@ def main(argv=None):
     args = parse_args(argv)
     if "baseline" not in args.layouts:
         args.layouts.insert(0, "baseline")
-    if args.replot:
-        losses = {name: [json.loads(line)["loss"] for line in (args.out_dir / f"{name}.jsonl").read_text().splitlines()]
-                  for name in args.layouts}
-    else:
-        losses = run_layouts(args)
-    rows = summarize(losses)
+    losses = ({name: read_metrics(args, name, "loss") for name in args.layouts} if args.replot
+              else run_layouts(args))
+    rows = summarize(losses, {name: read_metrics(args, name, "grad_norm") for name in args.layouts})
     table = format_table(rows)
     print(table)
     (args.out_dir / "summary.json").write_text(json.dumps(rows, indent=2))
