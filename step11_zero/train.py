@@ -63,7 +63,7 @@ def parse_args():
                         help="context parallel: ranks that split every sequence")
     parser.add_argument("--pp_engine", choices=["afab", "1f1b"], default="afab")
     parser.add_argument("--bucket_size_mb", type=positive_float, default=25, help="data-parallel gradient bucket size")
-    parser.add_argument("--zero_stage", type=int, choices=ZERO_STAGES, default=0,
+    parser.add_argument("--zero_stage", type=zero_stage, default=0,
                         help="shard over the dp x cp ranks: 1 the fp32 master and AdamW moments, 2 the gradients too")
     parser.add_argument("--run_name", type=str, default="default_run")
     parser.add_argument("--use_wandb", action="store_true")
@@ -84,6 +84,16 @@ def parse_args():
     parser.add_argument("--peak_tflops", type=positive_float, default=None, help="one device's peak, for MFU "
                         "(default: a known GPU's datasheet figure, or a short matmul measurement on a CPU)")
     return parser.parse_args()
+
+
+def zero_stage(text):
+    """An argparse type: one of ZERO_STAGES. Stage 3, the parameters sharded too, is the next step's."""
+    stage = integer(0)(text)
+    if stage == 3:
+        raise argparse.ArgumentTypeError("stage 3 (the parameters sharded too) is step 12: step12_fsdp/train.py")
+    if stage not in ZERO_STAGES:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(map(str, ZERO_STAGES))}, got {stage}")
+    return stage
 
 
 def train_step(model, data_loader, device):
@@ -123,13 +133,17 @@ def set_up_process(args):
 
 def check_command_line(args, config, world_size):
     """Stop at a command line that cannot work, with one line naming every problem, before any rank waits
-    for another; warn about a layout that works, but slowly."""
+    for another; warn about a layout that works, but slowly, and about a zero stage with nothing to shard."""
     errors = validate_layout(world_size, args.tp_size, args.cp_size, args.pp_size, args.dp_size, config, args.seq_len)
     if not args.save_dir:  # without it these would be ignored: a run meant to be checkpointed would not be
         errors += [f"{flag} needs --save_dir" for flag in ("--resume", "--save_every", "--keep_last")
                    if getattr(args, flag[2:]) not in (None, False)]
     if errors:
         fail("; ".join(errors))
+    if args.zero_stage > 0 and args.dp_size * args.cp_size == 1:
+        warn(f"--zero_stage {args.zero_stage} with dp_size x cp_size = 1: there is no other rank to shard over, so "
+             f"the run is stage 0")
+        args.zero_stage = 0
     ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))  # torchrun's --nproc_per_node
     warning = node_warning(args.tp_size, args.cp_size, ranks_per_node)
     if warning:

@@ -307,6 +307,9 @@ def write_durably(path, tensors, metadata):
     """Write under a temporary name, fsync, rename, fsync the folder: after a crash or a power loss the file is
     absent or whole, never there with missing bytes."""
     save_file(tensors, path + ".tmp", metadata={"json": json.dumps(metadata)})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path + ".tmp", 0o666 & ~umask)  # safetensors writes 0600: the mode of every other file instead
     fsync(path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: a reader sees no file or the whole file
     fsync(os.path.dirname(path))

@@ -124,13 +124,17 @@ def set_up_process(args):
 
 def check_command_line(args, config, world_size):
     """Stop at a command line that cannot work, with one line naming every problem, before any rank waits
-    for another; warn about a layout that works, but slowly."""
+    for another; warn about a layout that works, but slowly, and about a zero stage with nothing to shard."""
     errors = validate_layout(world_size, args.tp_size, args.cp_size, args.pp_size, args.dp_size, config, args.seq_len)
     if not args.save_dir:  # without it these would be ignored: a run meant to be checkpointed would not be
         errors += [f"{flag} needs --save_dir" for flag in ("--resume", "--save_every", "--keep_last")
                    if getattr(args, flag[2:]) not in (None, False)]
     if errors:
         fail("; ".join(errors))
+    if args.zero_stage > 0 and args.dp_size * args.cp_size == 1:
+        warn(f"--zero_stage {args.zero_stage} with dp_size x cp_size = 1: there is no other rank to shard over, so "
+             f"the run is stage 0")
+        args.zero_stage = 0
     ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))  # torchrun's --nproc_per_node
     warning = node_warning(args.tp_size, args.cp_size, ranks_per_node)
     if warning:

@@ -4,6 +4,7 @@ import argparse
 import gzip
 import json
 import re
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -190,6 +191,26 @@ def test_a_sequence_longer_than_the_model_declares_is_allowed_with_one_warning(t
     warnings = [line for line in run.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1 and "--seq_len 1100" in warnings[0] and "max_position_embeddings 1024" in warnings[0]
     assert re.search(r"^Step: 1 \| Loss: \d", run.stdout, flags=re.M), run
+
+
+def test_step_11_says_that_zero_stage_3_is_step_12(monkeypatch, capsys):
+    parser = parser_of("step11", monkeypatch)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--zero_stage", "3"])
+    assert capsys.readouterr().err.strip() == ("error: argument --zero_stage: stage 3 (the parameters sharded too) is "
+                                               "step 12: step12_fsdp/train.py (see --help)")
+
+
+@pytest.mark.parametrize("step", ["step11", "step12"])
+def test_a_zero_stage_with_nothing_to_shard_over_says_so_and_runs_as_stage_0(step, monkeypatch, capsys):
+    train, utils = import_step(step, "train", "utils")
+    monkeypatch.setattr(sys, "argv", ["train.py", "--zero_stage", "2", "--tp_size", "2"])
+    args = train.parse_args()
+    train.check_command_line(args, utils.load_config(args), world_size=2)
+    assert args.zero_stage == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: --zero_stage 2 with dp_size x cp_size = 1: there is no other rank to shard over, so the run is "
+        "stage 0"]
 
 
 def test_a_warm_up_longer_than_the_run_is_allowed_with_one_warning(torchrun):

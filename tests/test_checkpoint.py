@@ -69,6 +69,12 @@ def halfway_copy(save_dir, target):
     return target
 
 
+def current_umask():
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def launch_two_at_a_time(function, items):
     """Each launch is mostly interpreter start-up, which overlaps well."""
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -717,6 +723,9 @@ def test_a_save_reaches_the_disk_before_complete_and_a_full_disk_removes_the_par
         assert events[events.index(("fsync", name + ".tmp")):] == [
             ("fsync", name + ".tmp"), ("rename", name + ".tmp", name), ("fsync", "step_000002"),  # the file
             ("fsync", "step_000002"), ("rename", "COMPLETE.tmp", "COMPLETE"), ("fsync", "step_000002")], events
+        # safetensors creates its files 0600; a checkpoint's files all take the mode the umask gives (issue 29)
+        modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "step_000002").iterdir()}
+        assert modes == {name: 0o666 & ~current_umask(), "COMPLETE": 0o666 & ~current_umask()}, modes
 
         def disk_full(*args, **kwargs):
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
