@@ -60,7 +60,12 @@ dtype), the fp32 master and moments, grad_shard. A unit's full parameters exist 
                the unit's backward                                                          | of unit i
                its last gradient: reduce-scatter the unit's gradients, free the parameters    |
 
-so at any moment the unit computing and the one being prefetched are whole: two units, never the model.
+so at any moment the unit computing and the one being prefetched are whole: two units, never the model. Two
+units skip a step: the last one (the norm with the LM head) is not freed after its forward, since its backward
+comes next; and the embedding is not gathered for backward, since an embedding's weight gradient is a scatter of
+its output's gradient and reads no weight. A tied LM head is the embedding's weight: embedding, norm and head
+are then one unit, needed at both ends of the forward and the backward, and it stays whole from the embedding's
+forward to its last gradient: three units at most, it and the two layers around the one computing.
 The price is communication, on every micro-batch: two all-gathers of the parameters (forward, backward) and
 the reduce-scatter of the gradients. Per rank, in units of (N-1)/N x Psi bytes: 2 + 2 + 4 = 8 in bf16
 (12 in fp32) per micro-batch, against 8 per optimizer step for data parallelism's all-reduce of the fp32
@@ -210,8 +215,7 @@ def decoder_units(module):
     """ZeRO-3's units, in the order forward runs them: lists of modules whose parameters are gathered together.
     The embedding, each decoder layer, the final norm with the LM head (of those this pipeline stage holds).
     A tied LM head is the embedding's weight: then embedding, norm and head are one unit, whole from the
-    embedding's forward to the head's (and in backward from the head's to the embedding's), beside the two
-    layers in flight."""
+    embedding's forward to the embedding's backward, beside the two layers in flight."""
     first = [module.embed_tokens] if module.embed_tokens is not None else []
     last = [m for m in (module.norm, module.lm_head) if m is not None]
     layers = [[layer] for layer in module.layers]
@@ -249,6 +253,11 @@ class ZeroDataParallel(nn.Module):
             for param in bucket.params:
                 param.register_post_accumulate_grad_hook(functools.partial(self._gradient_ready, bucket))
         if zero_stage == 3 and group is not None:
+            # An embedding alone needs no weight in backward (its weight gradient scatters the output's gradient).
+            self.gathered_for_backward = [unit != [getattr(module, "embed_tokens", None)] for unit in units]
+            # A tied unit (embedding, norm, head) comes first, and its forward ends last, with the head's.
+            self.tied_unit_first = any(m is getattr(module, "lm_head", None) for m in units[0])
+            self.last_in_forward = 0 if self.tied_unit_first else len(units) - 1
             for index, unit in enumerate(units):
                 unit[0].register_forward_pre_hook(functools.partial(self._before_forward, index))
                 unit[-1].register_forward_hook(functools.partial(self._after_forward, index))
@@ -262,14 +271,17 @@ class ZeroDataParallel(nn.Module):
             self.buckets[index + 1].gather_parameters()  # prefetch: the next unit's gather overlaps this compute
 
     def _after_forward(self, index, module, args, output):
-        self.buckets[index].free_parameters()  # ... to here
-        if output.requires_grad:  # its gradient arrives just before this unit's backward starts
-            output.register_hook(functools.partial(self._before_backward, index))
+        if index != self.last_in_forward:  # that one stays whole: its backward is the next thing to run
+            self.buckets[index].free_parameters()  # ... to here
+        if output.requires_grad and self.gathered_for_backward[index]:  # the gradient arrives just before the
+            output.register_hook(functools.partial(self._before_backward, index))  # unit's backward starts
 
     def _before_backward(self, index, output_grad):
         self.buckets[index].wait_parameters()  # whole again until its last gradient (_gradient_ready)
-        if index > 0:
-            self.buckets[index - 1].gather_parameters()  # prefetch: backward runs the units in reverse
+        # Prefetch: backward runs the units in reverse. A tied unit's hook is the LM head's: the last layer is next.
+        previous = index - 1 if index > 0 else (len(self.buckets) - 1 if self.tied_unit_first else None)
+        if previous is not None and self.gathered_for_backward[previous]:
+            self.buckets[previous].gather_parameters()
 
     def _gradient_ready(self, bucket, param):
         if self.zero_stage >= 2 and bucket.num_ready == 0:  # the bucket's first gradient of this backward

@@ -24,9 +24,11 @@ def test_ours_and_fsdp2_take_the_same_steps(tmp_path):
     assert result["max_abs_dloss"] == max(abs(a - b) for a, b in zip(result["ours_losses"], result["torch_losses"]))
 
 
-def test_the_timeline_tool_sees_every_unit_gathered_twice_and_at_most_two_in_memory(tmp_path):
-    """tools/fsdp_timeline.py at toy size (2 layers: 4 units): each unit is gathered, waited for and freed once in
-    forward and once in backward, and at most two units hold their full buffer at any moment."""
+def test_the_timeline_tool_sees_the_layers_gathered_twice_and_at_most_two_units_in_memory(tmp_path):
+    """tools/fsdp_timeline.py at toy size (2 layers: 4 units): each layer is gathered, waited for and freed once in
+    forward and once in backward; the embedding only in forward (its backward reads no weight); the norm with the
+    LM head once, whole from its forward to the end of its backward; at most two units hold their full buffer at
+    any moment."""
     out = tmp_path / "timeline.png"
     command = [sys.executable, str(ROOT / "tools" / "fsdp_timeline.py"), "--hidden_size", "64", "--intermediate_size",
                "128", "--num_hidden_layers", "2", "--vocab_size", "512", "--seq_len", "32", "--out", str(out), "--json"]
@@ -36,6 +38,6 @@ def test_the_timeline_tool_sees_every_unit_gathered_twice_and_at_most_two_in_mem
     assert result["units"] == ["embedding", "layer 0", "layer 1", "norm + LM head"]
     for unit in range(4):
         kinds = [what for index, what, _ in sorted(result["events"], key=lambda e: e[2]) if index == unit]
-        assert kinds == ["gather", "whole", "free"] * 2, (unit, kinds)
+        assert kinds == ["gather", "whole", "free"] * (2 if unit in (1, 2) else 1), (unit, kinds)
     assert result["most_units_in_memory"] == 2
     assert out.stat().st_size > 10_000

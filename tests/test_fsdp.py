@@ -4,12 +4,13 @@ of step 11's stage 2 (step 12's stage 2 is step 11's, bit for bit: tests/zero_ch
 bit, on one process at stage 0, and a stage-0 checkpoint resumes at stage 3 under dp 2 x tp 2; the export loads in
 transformers. What a rank holds between units and in flight is checked from inside a run by tests/zero_check.py
 (tests/test_zero.py)."""
+import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import assert_parity, max_abs_diff
+from conftest import ROOT, assert_parity, max_abs_diff
 from test_checkpoint import COMMON as CHECKPOINT_COMMON
 from test_checkpoint import LAYOUTS as CHECKPOINT_LAYOUTS
 from test_checkpoint import SAVE_AT, export_and_compare, halfway_copy, launch_two_at_a_time
@@ -25,10 +26,24 @@ FSDP_LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def runs(torchrun):
+def tied_model(tmp_path_factory):
+    """The embedded tiny Llama's config and tokenizer with tie_word_embeddings: the LM head is the embedding."""
+    folder = tmp_path_factory.mktemp("tied_llama")
+    for path in (ROOT / "assets" / "tiny_llama").iterdir():
+        if path.suffix != ".safetensors":
+            shutil.copy(path, folder / path.name)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(torchrun, tied_model):
     """Every launch of this module, two at a time; the baseline and step 11's runs are shared with
     tests/test_zero.py (the launcher caches them)."""
     launches = {"baseline": BASELINE,
+                "baseline_tied": (*BASELINE, "--model_name", tied_model),
+                "zero3_dp2_tied": ("step12", 2, *COMMON, *DP2, "--zero_stage", 3, "--model_name", tied_model),
                 **{f"zero3_{name}": ("step12", nproc, *COMMON, *args, "--zero_stage", 3)
                    for name, (nproc, *args) in FSDP_LAYOUTS.items()},
                 "step11_dp2_zero2": ("step11", *LAYOUTS["dp2_zero2"][:1], *COMMON, *LAYOUTS["dp2_zero2"][1:]),
@@ -46,6 +61,13 @@ def runs(torchrun):
 def test_zero_3_matches_the_single_process_baseline(runs, layout):
     assert_parity(runs[f"zero3_{layout}"], runs["baseline"], steps=20)
     assert "zero stage 3" in runs[f"zero3_{layout}"].stdout
+
+
+def test_zero_3_with_tied_embeddings_matches_the_single_process_baseline(runs):
+    """The tied unit (embedding, norm and LM head, one weight at both ends) at dp 2: the parity contract against
+    step 3 on one process with the same tied model; tests/zero_check.py counts its units whole at once."""
+    assert_parity(runs["zero3_dp2_tied"], runs["baseline_tied"], steps=20)
+    assert runs["baseline_tied"].losses != runs["baseline"].losses  # the tie changes the model
 
 
 def test_zero_3_takes_the_steps_of_zero_2_bit_for_bit_at_dp_2(runs):

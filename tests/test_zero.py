@@ -151,6 +151,18 @@ def test_zero_3_holds_one_piece_of_every_unit_and_at_most_two_units_whole(zero_c
     assert result["param_buffer_bytes_after_step"] == 0
 
 
+def test_zero_3_with_tied_embeddings_holds_the_tied_unit_whole_and_at_most_three_units(zero_check):
+    """A tied LM head is the embedding's weight: embedding, norm and head form the first of 5 units, needed at both
+    ends of the forward and the backward, and whole from the embedding's forward to its last gradient: with the
+    layer computing and the one prefetched, three units at most; none between steps; the steps of stage 2."""
+    result = zero_check["float32_fsdp_tied"]
+    assert result["units"] == 5
+    assert result["most_units_whole_at_once"] == 3
+    assert result["units_whole_after_each_step"] == [0, 0, 0]
+    assert result["losses_zero3"][0] == result["losses_zero2"][0]
+    assert max_abs_diff(result["losses_zero3"], result["losses_zero2"]) <= 1e-5
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_zero_3_takes_the_steps_of_zero_2_on_four_ranks(zero_check, dtype):
     """Step 12's stage 2 takes step 11's steps exactly (the same code path). Stage 3's first step is identical (gathering copies the weights exactly). After it, fp32 differs in the last

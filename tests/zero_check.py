@@ -8,7 +8,7 @@ they are bitwise identical across the group. It also records the most full fp32 
 ZeRO-2 alive at once during backward, the number of buckets, and how the optimizer's fp32 master is split
 (each rank's owned elements, and whether the pieces tile the padded buckets).
 
-Step 12's ZeRO-3, in fp32 and bf16, beside step 12's stage 2 on the same tokens: the losses of every step, the
+Step 12's ZeRO-3, in fp32 and bf16 (and with tied embeddings in fp32), beside step 12's stage 2 on the same tokens: the losses of every step, the
 most units whose full parameters exist at once (counted after every gather and free), how many are whole
 after each step, and each unit's parameter piece against its padded size. tests/test_zero.py asserts on the
 JSON.
@@ -91,10 +91,11 @@ def train(zero_stage, dtype, live_buffers):
             "grad_buffers_after_sync": sum(bucket.grad_buffer is not None for bucket in model.buckets)}
 
 
-def train_fsdp(dtype):
+def train_fsdp(dtype, tied=False):
     """Step 12: stage 2 and stage 3, and step 11's stage 2, from the same weights on the same tokens (4 layers:
-    6 units)."""
+    6 units; with tied embeddings 5, the first being the embedding, the norm and the LM head)."""
     config = tiny_config(num_hidden_layers=4)
+    config.tie_word_embeddings = tied
     models = {}
     for key, module, zero_stage in (("step11_zero2", zero, 2), (2, zero12, 2), (3, zero12, 3)):
         torch.manual_seed(0)
@@ -154,6 +155,7 @@ def main():
             results[f"{str(dtype).split('.')[1]}_zero{zero_stage}"] = train(zero_stage, dtype, live_buffers)
             zero.ShardedBucket.__init__ = original_init
         results[f"{str(dtype).split('.')[1]}_fsdp"] = train_fsdp(dtype)
+    results["float32_fsdp_tied"] = train_fsdp(torch.float32, tied=True)
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(results))
     dist.barrier()

@@ -8,7 +8,8 @@ Each row is a unit (the embedding, the decoder layers, the final norm with the L
 the start of the unit's all-gather to the end of the wait for it (the prefetch: it starts while the unit
 before computes), a dark bar from there to the free: the time the unit's full parameters exist. The strip
 below counts the units whose full buffer holds memory at each moment, being gathered or whole (never more
-than two: one computes while the next is gathered). The step measured is the second of the
+than two: one computes while the next is gathered). The embedding is gathered for its forward only (its backward
+reads no weight), and the norm with the LM head stays whole from its forward into its backward. The step measured is the second of the
 run, after a warm-up step; the times are rank 0's.
 """
 import json
