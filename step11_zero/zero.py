@@ -43,7 +43,10 @@ the weights. ZeRO-2 reduce-scatters every micro-batch instead of accumulating lo
 accumulation with k micro-batches it sends k reduce-scatters per bucket per step instead of one.
 That is NCCL's arithmetic (ring collectives, (N-1)/N x B each). gloo, on the CPU, is not built for these two:
 measured with torch 2.13 on 2 ranks of a 2-core CPU, 32 MB of fp32: all-reduce 26 ms, reduce-scatter 65 ms,
-all-gather 87 ms. So on the CPU ZeRO saves memory and costs time; on GPUs the split is free.
+all-gather 87 ms. So on the CPU ZeRO saves memory and costs time. Where the links carry the bytes beside the
+compute (NCCL on GPUs), the all-gather hides: ZeroAdamW.step starts it and does not wait, and the next forward
+waits for each bucket only just before a module uses it, so the later buckets arrive while the first layers
+compute (Megatron's overlapped parameter gather).
 """
 import functools
 from typing import NamedTuple
@@ -95,6 +98,7 @@ class ShardedBucket:
         # fp32: the master is the parameter itself; otherwise an fp32 copy of the owned piece.
         self.master_is_param = first.dtype == torch.float32
         self.master = self.param_buffer[self.owned] if self.master_is_param else self.param_buffer[self.owned].float()
+        self.gather_handle = None  # the all-gather of the updated parameters, from ZeroAdamW.step to the next forward
         self.grad_buffer = None  # [padded_numel] fp32
         # ZeRO-2 keeps only the owned piece of the gradient between micro-batches; the others use grad_buffer's.
         self.grad_shard = torch.zeros_like(self.master) if zero_stage == 2 else None
@@ -102,6 +106,12 @@ class ShardedBucket:
         self.handle = None
         if zero_stage < 2:
             self.allocate_grad_buffer()
+
+    def finish_gather(self):
+        """Wait for the all-gather of the updated parameters that ZeroAdamW.step started (if it is in flight)."""
+        if self.gather_handle is not None:
+            self.gather_handle.wait()
+            self.gather_handle = None
 
     def allocate_grad_buffer(self):
         self.grad_buffer = torch.zeros(self.padded_numel, dtype=torch.float32, device=self.param_buffer.device)
@@ -179,9 +189,28 @@ class ZeroDataParallel(nn.Module):
         for bucket in self.buckets:
             for param in bucket.params:
                 param.register_post_accumulate_grad_hook(functools.partial(self._gradient_ready, bucket))
+        if zero_stage in (1, 2) and group is not None:
+            # ZeRO-1/2: ZeroAdamW.step all-gathers the updated parameters without waiting; each module waits for the
+            # buckets of its own parameters just before its forward (Megatron's overlapped parameter gather), so
+            # the gathers of the later buckets run while the first layers compute.
+            bucket_of = {param: bucket for bucket in self.buckets for param in bucket.params}
+            for submodule in module.modules():
+                buckets = {bucket_of[p] for p in submodule.parameters(recurse=False) if p in bucket_of}
+                if buckets:
+                    submodule.register_forward_pre_hook(functools.partial(self._wait_for_gathers, list(buckets)))
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+    def _wait_for_gathers(self, buckets, module, args):
+        for bucket in buckets:
+            bucket.finish_gather()
+
+    def finish_parameter_gathers(self):
+        """Wait for every all-gather of updated parameters still in flight: before the parameters are read other
+        than by a forward (a checkpoint, a comparison) and before the process group goes."""
+        for bucket in self.buckets:
+            bucket.finish_gather()
 
     def _gradient_ready(self, bucket, param):
         if self.zero_stage == 2 and bucket.num_ready == 0:  # the bucket's first gradient of this backward
@@ -230,7 +259,8 @@ class ZeroAdamW:
     master per parameter that overlaps the owned piece, in the decay group if the parameter is a matrix (AdamW is
     elementwise, so each view is updated exactly as its parameter's elements would be). clip_grad_norm, before the
     step, finds the global gradient norm from the owned fp32 gradient pieces and scales them; after the step the
-    master is cast into the compute parameters and, under ZeRO-1/2, every rank's updated piece is all-gathered."""
+    master is cast into the compute parameters and, under ZeRO-1/2, every rank's updated piece is all-gathered
+    (waited for by the next forward, bucket by bucket)."""
 
     def __init__(self, model, lr, weight_decay=0.01):
         grid = pgm.process_group_manager
@@ -269,18 +299,16 @@ class ZeroAdamW:
         for piece in self.pieces:
             piece.master.grad = piece.bucket.owned_grad()[piece.piece]
         self.optimizer.step()
-        handles = []
         for bucket in self.buckets:
             owned = bucket.param_buffer[bucket.owned]
             if not bucket.master_is_param:
                 owned.copy_(bucket.master)  # fp32 master -> compute dtype
             if bucket.zero_stage > 0 and bucket.num_ranks > 1:
-                # In place: rank i's piece is already where it belongs in the gathered buffer.
-                handles.append(all_gather(bucket.param_buffer, owned, group=bucket.group, async_op=True))
+                # In place: rank i's piece is already where it belongs in the gathered buffer. Not waited for here:
+                # the next forward waits for each bucket just before it needs it.
+                bucket.gather_handle = all_gather(bucket.param_buffer, owned, group=bucket.group, async_op=True)
         for piece in self.pieces:
             piece.master.grad = None
-        for handle in handles:
-            handle.wait()
 
     def owned_state(self, bucket):
         """The AdamW moments of the bucket's owned piece, flat (zeros where no parameter is: the padding), and the

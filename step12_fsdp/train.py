@@ -276,9 +276,11 @@ def main():
 
         done = trained_tokens >= args.max_tokens
         if args.save_dir and (done or (args.save_every and step % args.save_every == 0)):
+            model.finish_parameter_gathers()  # the parameters whole before they are read for the checkpoint
             save_checkpoint(save_dir=args.save_dir, step=step, tokens=trained_tokens, model=model, optimizer=optimizer,
                             data_loader=data_loader, run=run, keep_last=args.keep_last or 2)
 
+    model.finish_parameter_gathers()  # no all-gather left in flight when the process group goes
     if progress:
         progress.close()
     close_distributed()

@@ -46,7 +46,10 @@ the weights. ZeRO-2 reduce-scatters every micro-batch instead of accumulating lo
 accumulation with k micro-batches it sends k reduce-scatters per bucket per step instead of one.
 That is NCCL's arithmetic (ring collectives, (N-1)/N x B each). gloo, on the CPU, is not built for these two:
 measured with torch 2.13 on 2 ranks of a 2-core CPU, 32 MB of fp32: all-reduce 26 ms, reduce-scatter 65 ms,
-all-gather 87 ms. So on the CPU ZeRO saves memory and costs time; on GPUs the split is free.
+all-gather 87 ms. So on the CPU ZeRO saves memory and costs time. Where the links carry the bytes beside the
+compute (NCCL on GPUs), the all-gather hides: ZeroAdamW.step starts it and does not wait, and the next forward
+waits for each bucket only just before a module uses it, so the later buckets arrive while the first layers
+compute (Megatron's overlapped parameter gather).
 
 ZeRO-3 (fully sharded). The buckets are *units* instead of 25 MB groups: the embedding, each decoder layer,
 the final norm with the LM head. Between units a rank holds only its piece of each: param_shard (compute
@@ -66,8 +69,8 @@ comes next; and the embedding is not gathered for backward, since an embedding's
 its output's gradient and reads no weight. A tied LM head is the embedding's weight: embedding, norm and head
 are then one unit, needed at both ends of the forward and the backward, and it stays whole from the embedding's
 forward to its last gradient: three units at most, it and the two layers around the one computing.
-The price is communication, on every micro-batch: two all-gathers of the parameters (forward, backward) and
-the reduce-scatter of the gradients. Per rank, in units of (N-1)/N x Psi bytes: 2 + 2 + 4 = 8 in bf16
+The price is communication, on every micro-batch: two all-gathers of the parameters (forward, backward; one for
+the embedding and the last unit) and the reduce-scatter of the gradients. Per rank, in units of (N-1)/N x Psi bytes: 2 + 2 + 4 = 8 in bf16
 (12 in fp32) per micro-batch, against 8 per optimizer step for data parallelism's all-reduce of the fp32
 gradients. With one micro-batch per step that is the same bytes in bf16; with k micro-batches, k times.
 """
@@ -147,6 +150,10 @@ class ShardedBucket:
 
     def wait_parameters(self):
         self.gather_parameters()
+        self.finish_gather()
+
+    def finish_gather(self):
+        """Wait for the all-gather in flight, if one is (ZeRO-3's, or the one ZeroAdamW.step starts at stages 1, 2)."""
         if self.gather_handle is not None:
             self.gather_handle.wait()
             self.gather_handle = None
@@ -252,6 +259,15 @@ class ZeroDataParallel(nn.Module):
         for bucket in self.buckets:
             for param in bucket.params:
                 param.register_post_accumulate_grad_hook(functools.partial(self._gradient_ready, bucket))
+        if zero_stage in (1, 2) and group is not None:
+            # ZeRO-1/2: ZeroAdamW.step all-gathers the updated parameters without waiting; each module waits for the
+            # buckets of its own parameters just before its forward (Megatron's overlapped parameter gather), so
+            # the gathers of the later buckets run while the first layers compute.
+            bucket_of = {param: bucket for bucket in self.buckets for param in bucket.params}
+            for submodule in module.modules():
+                buckets = {bucket_of[p] for p in submodule.parameters(recurse=False) if p in bucket_of}
+                if buckets:
+                    submodule.register_forward_pre_hook(functools.partial(self._wait_for_gathers, list(buckets)))
         if zero_stage == 3 and group is not None:
             # An embedding alone needs no weight in backward (its weight gradient scatters the output's gradient).
             self.gathered_for_backward = [unit != [getattr(module, "embed_tokens", None)] for unit in units]
@@ -264,6 +280,16 @@ class ZeroDataParallel(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+    def _wait_for_gathers(self, buckets, module, args):
+        for bucket in buckets:
+            bucket.finish_gather()
+
+    def finish_parameter_gathers(self):
+        """Wait for every all-gather of updated parameters still in flight: before the parameters are read other
+        than by a forward (a checkpoint, a comparison) and before the process group goes."""
+        for bucket in self.buckets:
+            bucket.finish_gather()
 
     def _before_forward(self, index, module, args):
         self.buckets[index].wait_parameters()  # unit index is whole from here ...
@@ -332,8 +358,9 @@ class ZeroAdamW:
     master per parameter that overlaps the owned piece, in the decay group if the parameter is a matrix (AdamW is
     elementwise, so each view is updated exactly as its parameter's elements would be). clip_grad_norm, before the
     step, finds the global gradient norm from the owned fp32 gradient pieces and scales them; after the step the
-    master is cast into the compute parameters and, under ZeRO-1/2, every rank's updated piece is all-gathered (under
-    ZeRO-3 the next forward gathers each unit when it needs it)."""
+    master is cast into the compute parameters and, under ZeRO-1/2, every rank's updated piece is all-gathered
+    (waited for by the next forward, bucket by bucket; under ZeRO-3 the next forward gathers each unit when it
+    needs it)."""
 
     def __init__(self, model, lr, weight_decay=0.01):
         grid = pgm.process_group_manager
@@ -372,18 +399,16 @@ class ZeroAdamW:
         for piece in self.pieces:
             piece.master.grad = piece.bucket.owned_grad()[piece.piece]
         self.optimizer.step()
-        handles = []
         for bucket in self.buckets:
             owned = bucket.param_shard
             if not bucket.master_is_param:
                 owned.copy_(bucket.master)  # fp32 master -> compute dtype
             if bucket.zero_stage in (1, 2) and bucket.num_ranks > 1:
-                # In place: rank i's piece is already where it belongs in the gathered buffer.
-                handles.append(all_gather(bucket.param_buffer, owned, group=bucket.group, async_op=True))
+                # In place: rank i's piece is already where it belongs in the gathered buffer. Not waited for here:
+                # the next forward waits for each bucket just before it needs it.
+                bucket.gather_handle = all_gather(bucket.param_buffer, owned, group=bucket.group, async_op=True)
         for piece in self.pieces:
             piece.master.grad = None
-        for handle in handles:
-            handle.wait()
 
     def owned_state(self, bucket):
         """The AdamW moments of the bucket's owned piece, flat (zeros where no parameter is: the padding), and the

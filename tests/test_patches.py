@@ -49,8 +49,8 @@ def test_untracked_files_stay_out_of_the_patches(tmp_path):
 
 
 def test_line_counts_count_a_removed_line_that_starts_with_two_dashes():
-    """A removed "--max_tokens ..." line shows as "---max_tokens ..." in the diff; it is a removal, not a file
-    header (patch 4 removes such a line: counted as 37 removals instead of 38 before)."""
+    """A removed "--use_wandb) ..." line (step 3's docstring) shows as "---use_wandb) ..." in the diff; it is a
+    removal, not a file header (patch 4 removes such a line, which a count by "---" prefix would miss)."""
     sys.path.insert(0, str(ROOT / "tools"))
     try:
         from make_patches import line_counts
@@ -62,4 +62,4 @@ def test_line_counts_count_a_removed_line_that_starts_with_two_dashes():
     step4 = (ROOT / "step4_tensor_parallel" / "patch_step_4.diff").read_text()
     # every file header of a step patch names a step folder; every other line starting with "-" is a removal
     removals = sum(line.startswith("-") and not line.startswith("--- step") for line in step4.splitlines())
-    assert "\n---max_tokens" in step4 and line_counts(step4)[1] == removals
+    assert "\n---use_wandb" in step4 and line_counts(step4)[1] == removals

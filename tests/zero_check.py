@@ -68,6 +68,7 @@ def train_step(model, optimizer, config, generator):
         total += loss.item() / GRAD_ACC
     model.finish_gradient_synchronization()
     optimizer.step()
+    model.finish_parameter_gathers()  # the caller compares the parameters across ranks
     return total
 
 

@@ -232,6 +232,10 @@ def train_step(kind, model, optimizer, micro_batches):
     if kind == "ours":
         model.finish_gradient_synchronization()
     optimizer.step()
+    if kind == "ours":
+        # The all-gathers of stages 1, 2 would run on into this contestant's next forward; the contestants take
+        # turns step by step, so each step is closed here and the gathers are timed with the step that started them.
+        model.finish_parameter_gathers()
     return acc_loss
 
 
