@@ -3,6 +3,7 @@ PyTorch's FSDP2 take the same steps from the same weights, and tools/fsdp_timeli
 import json
 import subprocess
 import sys
+import warnings
 
 from conftest import ROOT, run_env
 
@@ -12,9 +13,16 @@ LOSS_TOLERANCE = 1e-5
 
 
 def test_ours_and_fsdp2_take_the_same_steps(tmp_path):
+    """A run whose worker dies with SIGABRT from a gloo thread ("terminate called without an active exception",
+    seen under the load of a full suite, never alone) is run once more; its stderr is kept and reported."""
     command = [sys.executable, str(ROOT / "tools" / "benchmark_fsdp.py"), "--hidden_size", "64", "--intermediate_size",
                "128", "--num_hidden_layers", "2", "--steps", "2", "--json"]
     proc = subprocess.run(command, cwd=ROOT, env=run_env(tmp_path), capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        (tmp_path / "sigabrt_stderr.txt").write_text(proc.stderr)
+        warnings.warn(f"benchmark_fsdp: a worker died with SIGABRT (stderr kept in {tmp_path}/sigabrt_stderr.txt); "
+                      f"ran it again")
+        proc = subprocess.run(command, cwd=ROOT, env=run_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert result["ours_step_s"] > 0 and result["torch_step_s"] > 0
