@@ -66,7 +66,7 @@ def clip_grad_norm(model, max_norm):
     host sync), and, when max_norm > 0, every gradient scaled by max_norm / (norm + 1e-6) if that is below 1: the
     rule of torch.nn.utils.clip_grad_norm_."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    norm = sum_of_squares(grads, grads[0].device).sqrt()
+    norm = sum_of_squares(grads, grads[0].device).sqrt().float()
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for grad in grads:
