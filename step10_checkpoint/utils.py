@@ -67,26 +67,22 @@ def integer(minimum):
     return parse
 
 
-def positive_float(text):
-    """An argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+def finite_float(zero_allowed):
+    """An argparse type: a finite number > 0, or >= 0 if zero_allowed."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (math.isfinite(value) and (value >= 0 if zero_allowed else value > 0)):
+            raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}" if zero_allowed
+                                             else f"must be a positive number, got {text}")
+        return value
+    return parse
 
 
-def non_negative_float(text):
-    """An argparse type: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
+positive_float = finite_float(zero_allowed=False)
+non_negative_float = finite_float(zero_allowed=True)
 
 
 def output_file(text):
