@@ -16,10 +16,10 @@ of `model.`); `model.` holds the fp32 master, so a bf16 run resumes exactly. Und
 dp x cp group writes only the ranges of the flattened tensors it owns (no gather to one rank, nothing
 written twice), as 1-D pieces; the metadata names each piece's range and its tensor's shape. At stage 0 the
 dp rank 0, cp rank 0 copy writes whole tensors into shard 00, and each file's metadata says which dimension
-tensor parallelism split each tensor along. Loading is the same in every layout: put the pieces of each
-tensor shard back in order, assemble the full tensor from its tensor shards, then keep this rank's slice.
-So a checkpoint resumes in another layout and another zero stage (resharding), tools/export_hf.py turns it
-into a Hugging Face model with the same assembly, and step 10's checkpoints (one `pp00_tp01.safetensors`
+tensor parallelism split each tensor along. Loading is the same in every layout, and reads only what the rank
+keeps (SavedTensors): a block of a full tensor comes from the pieces, of the tensor shards, that hold its rows
+and columns. So a checkpoint resumes in another layout and another zero stage (resharding), tools/export_hf.py
+turns it into a Hugging Face model with the same reader (every block the whole tensor), and step 10's checkpoints (one `pp00_tp01.safetensors`
 per tensor shard, whole tensors) are read the same way. The data position is saved as sequences consumed
 in the epoch, which means the same thing whatever the split of the global batch.
 
@@ -27,7 +27,8 @@ A file is written under a temporary name, fsynced and renamed, and a checkpoint 
 exists, written and fsynced after every file is on the disk: a run killed mid-save, or a machine losing
 power, leaves the previous one usable. Each file's metadata carries the sha256 of its tensors, its step and
 the id of its save; a resume checks them all before training, so bytes changed on the disk, a file from
-another step or another save, or non-finite values are refused by name instead of trained on. Nothing
+another step or another save, or non-finite values are refused by name instead of trained on (each file hashed
+by one rank, the verdicts gathered). Nothing
 after initialisation draws random numbers (no dropout; the data order depends on the seed and the epoch
 only), so a resume is exact without saving any RNG state.
 """
@@ -44,9 +45,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import process_group_manager as pgm
-from pipeline_parallel import stage_layer_range
-from tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from pipeline_parallel import global_name, stage_layer_range
+from tensor_parallel import tp_split_of_model
 from utils import NOT_MATH, fail, files_fingerprint, tokenizer_fingerprint
+from weights import parameter_reader
 
 COMPLETE = "COMPLETE"
 ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -172,46 +174,32 @@ def file_damage(path, step, save_id):
 
 def damage(checkpoint_dir):
     """Why the checkpoint cannot be trusted, naming the file (None if every file of its layout is there, opens,
-    comes from this step and this save, and matches its checksum). Every rank reads every file: the price of
-    reaching the same verdict on every rank without a collective."""
+    comes from this step and this save, and matches its checksum). Each file is read and hashed once in the job:
+    by one rank (file i by rank i mod the world size) once the process group is up, by this process alone before.
+    A collective then: the verdicts are gathered, so every rank reaches the same one."""
+    ranks, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     path = first_file(checkpoint_dir)
+    problem = None
     try:
         first = read_metadata(checkpoint_dir)
         if "layout" not in first:
-            return f"{os.path.basename(path)}: its metadata lacks the key 'layout'"
-        layout = first["layout"]
-        for pp_rank in range(layout["pp_size"]):
-            for tp_rank in range(layout["tp_size"]):
-                for path in checkpoint_files(checkpoint_dir, layout, pp_rank, tp_rank):
-                    problem = file_damage(path, step=folder_step(checkpoint_dir), save_id=first.get("save_id"))
-                    if problem:
-                        return f"{os.path.basename(path)}: {problem}"
+            problem = f"{os.path.basename(path)}: its metadata lacks the key 'layout'"
+        else:
+            layout = first["layout"]
+            paths = [path for pp_rank in range(layout["pp_size"]) for tp_rank in range(layout["tp_size"])
+                     for path in checkpoint_files(checkpoint_dir, layout, pp_rank, tp_rank)]
+            for path in paths[rank::ranks]:
+                problem = file_damage(path, step=folder_step(checkpoint_dir), save_id=first.get("save_id"))
+                if problem:
+                    problem = f"{os.path.basename(path)}: {problem}"
+                    break
     except Exception as error:  # a missing file, or safetensors' own error for a truncated or garbled one
-        return f"{os.path.basename(path)}: {' '.join(str(error).split())}"
-    return None
-
-
-def global_name(local_name, first_layer):
-    """A rank's parameter name -> its name in the full model: without the data-parallel wrapper's `module.`,
-    with the global index of a stage's layer (`module.layers.1.mlp.up_proj.weight` on a stage whose
-    first layer is 2 -> `layers.3.mlp.up_proj.weight`)."""
-    name = local_name.removeprefix("module.")
-    if name.startswith("layers."):
-        _, index, rest = name.split(".", 2)
-        name = f"layers.{int(index) + first_layer}.{rest}"
-    return name
-
-
-def tp_split_of_model(model):
-    """Local parameter name -> the dimension tensor_parallel.py split it along (unsplit ones are absent):
-    column-parallel layers and the embedding by rows (output features, vocabulary), row-parallel by columns."""
-    dims = {}
-    for prefix, module in model.named_modules():
-        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
-            dims[f"{prefix}.weight"] = dims[f"{prefix}.bias"] = 0
-        elif isinstance(module, RowParallelLinear):
-            dims[f"{prefix}.weight"] = 1  # its bias is added after the all-reduce: whole on every rank
-    return dims
+        problem = f"{os.path.basename(path)}: {' '.join(str(error).split())}"
+    if ranks > 1:
+        problems = [None] * ranks
+        dist.all_gather_object(problems, problem)
+        problem = next((problem for problem in problems if problem), None)
+    return problem
 
 
 def save_checkpoint(save_dir, step, tokens, model, optimizer, data_loader, run, keep_last):
@@ -327,76 +315,109 @@ def mark_complete(checkpoint_dir, step):
     fsync(checkpoint_dir)
 
 
+class SavedTensors:
+    """A checkpoint as a source of weights.py: where each tensor lies (the 1-D pieces of each tensor shard, in
+    which file), read by blocks. A block is read from the pieces that hold its rows, of the tensor shards that hold
+    its columns, and nothing else: a rank resuming in the layout of the save reads the bytes it owns (whole rows of
+    them), in another layout the rows that hold its share. Keys are the files': `model.<name>`, `exp_avg.<name>`,
+    `exp_avg_sq.<name>`, `step.<name>` (read_scalar). Step 10's files (whole tensors) are read the same way."""
+
+    def __init__(self, checkpoint_dir):
+        layout = read_metadata(checkpoint_dir)["layout"]
+        self.tp_size = layout["tp_size"]
+        self.pieces = {}  # key -> {tp rank: [(start, end, path)]}: ranges of the flattened tensor shard
+        self.files = {}  # path -> the open file (safetensors reads a slice from the disk when asked for it)
+        self.shard_shapes, self.tp_split = {}, {}
+        for pp_rank in range(layout["pp_size"]):
+            for tp_rank in range(layout["tp_size"]):
+                for path in checkpoint_files(checkpoint_dir, layout, pp_rank, tp_rank):
+                    file = self.files[path] = safe_open(path, framework="pt")  # only the header is read here
+                    metadata = json.loads(file.metadata()["json"])
+                    self.tp_split.update(metadata["tp_split"])
+                    for key in file.keys():
+                        shape = file.get_slice(key).get_shape()  # a 1-D piece's, or a whole tensor's (step 10)
+                        if key.startswith("step."):  # AdamW's step count: a scalar
+                            start, end = 0, 1
+                        else:
+                            start, end, shape = metadata.get("ranges", {}).get(key.split(".", 1)[1],
+                                                                                (0, torch.Size(shape).numel(), shape))
+                        self.pieces.setdefault(key, {}).setdefault(tp_rank, []).append((start, end, path))
+                        self.shard_shapes[key] = shape
+        for shards in self.pieces.values():
+            for pieces in shards.values():
+                pieces.sort(key=lambda piece: piece[0])
+
+    def keys(self):
+        return self.pieces.keys()
+
+    def shape(self, key):
+        shape = list(self.shard_shapes[key])
+        if key in self.tp_split:
+            shape[self.tp_split[key]] *= self.tp_size  # the tensor shards side by side
+        return shape
+
+    def read_scalar(self, key):
+        return self.files[next(iter(self.pieces[key].values()))[0][2]].get_tensor(key)
+
+    def read_block(self, key, rows, cols):
+        dim = self.tp_split.get(key)
+        shard_shape = self.shard_shapes[key]
+        height, width = shard_shape[0], shard_shape[1] if len(shard_shape) > 1 else 1
+        block = torch.empty(rows[1] - rows[0], cols[1] - cols[0])
+        for tp_rank, pieces in sorted(self.pieces[key].items()):
+            if dim is None and tp_rank > 0:
+                break  # unsplit: every tensor shard holds the same copy
+            top, left = (tp_rank * height, 0) if dim == 0 else (0, tp_rank * width) if dim == 1 else (0, 0)
+            first, last = max(rows[0], top), min(rows[1], top + height)  # the rows of the block in this shard
+            lo, hi = max(cols[0], left), min(cols[1], left + width)  # and its columns
+            if first < last and lo < hi:
+                flat = self.read_flat(key, pieces, (first - top) * width, (last - top) * width)
+                block[first - rows[0]:last - rows[0], lo - cols[0]:hi - cols[0]] = \
+                    flat.view(last - first, width)[:, lo - left:hi - left]
+        return block
+
+    def read_flat(self, key, pieces, start, end):
+        """Elements [start, end) of a flattened tensor shard, from the pieces that overlap them."""
+        parts = [self.files[path].get_slice(key)[max(start, first) - first:min(end, last) - first].reshape(-1)
+                 for first, last, path in pieces if first < end and last > start]
+        return torch.cat(parts)
+
+
 def read_full_tensors(checkpoint_dir, wanted):
-    """{key: full tensor} for the keys of the checkpoint that wanted(key) selects. Each tensor shard is first put
-    back together from its ZeRO pieces (ranges of the flattened tensor, in order), then the tensor shards are
-    concatenated in tp rank order along the dimension they were split."""
-    layout = read_metadata(checkpoint_dir)["layout"]
-    pieces, tp_split = {}, {}
-    for pp_rank in range(layout["pp_size"]):
-        for tp_rank in range(layout["tp_size"]):
-            ranges = {}  # key -> [(start, 1-D piece)], and the shape of this tensor shard
-            shapes = {}
-            for path in checkpoint_files(checkpoint_dir, layout, pp_rank, tp_rank):
-                with safe_open(path, framework="pt") as f:
-                    metadata = json.loads(f.metadata()["json"])
-                    tp_split.update(metadata["tp_split"])
-                    for key in filter(wanted, f.keys()):
-                        tensor = f.get_tensor(key)
-                        start, _, shape = metadata.get("ranges", {}).get(key.split(".", 1)[1], (0, None, None))
-                        if key.startswith("step.") or shape is None:  # a scalar, or a whole tensor (step 10)
-                            ranges[key] = [(0, tensor)]
-                            continue
-                        ranges.setdefault(key, []).append((start, tensor))
-                        shapes[key] = shape
-            for key, parts in ranges.items():
-                parts.sort(key=lambda part: part[0])
-                tensor = parts[0][1] if key not in shapes else torch.cat([t for _, t in parts]).view(shapes[key])
-                pieces.setdefault(key, []).append(tensor)
+    """{key: full tensor} for the keys of the checkpoint that wanted(key) selects (tools/export_hf.py, the tests):
+    every block is the whole tensor."""
+    saved = SavedTensors(checkpoint_dir)
     full = {}
-    for key, tensors in pieces.items():
-        dim = tp_split.get(key)
-        full[key] = tensors[0] if dim is None else torch.cat(tensors, dim=dim)  # unsplit: every shard has a copy
+    for key in filter(wanted, saved.keys()):
+        shape = saved.shape(key)
+        if key.startswith("step."):
+            full[key] = saved.read_scalar(key)
+        else:
+            full[key] = saved.read_block(key, (0, shape[0]), (0, shape[1] if len(shape) > 1 else 1)).view(shape)
     return full
 
 
 def load_checkpoint(checkpoint_dir, model, optimizer, data_loader):
-    """Give this rank its part of a checkpoint saved in any layout and zero stage: its tensor shard of every
-    weight (the fp32 master cast to the compute dtype), and the owned pieces of the fp32 master and of the
-    AdamW state; and the data position. Returns (step, tokens)."""
-    grid = pgm.process_group_manager
+    """Give this rank its part of a checkpoint saved in any layout and zero stage, reading only that: what it keeps
+    of every weight (the fp32 master, cast to the compute dtype), the fp32 master and AdamW state of the pieces it
+    owns; and the data position. Returns (step, tokens)."""
     metadata = read_metadata(checkpoint_dir)
-    first_layer = stage_layer_range(metadata["run"]["num_hidden_layers"], grid.pp_world_size, grid.pp_rank)[0]
-    names = {local_name: global_name(local_name, first_layer) for local_name, _ in model.named_parameters()}
-    needed = set(names.values())
-    full = read_full_tensors(checkpoint_dir, lambda key: key.split(".", 1)[1] in needed)
-    model_tp_split = tp_split_of_model(model)
-
-    def this_rank_slice(key, local_name):
-        # the same contiguous block that tensor_parallel.local_range keeps: [..., size, ...] -> [..., size / tp, ...]
-        tensor = full[key]
-        if local_name in model_tp_split:
-            tensor = tensor.chunk(grid.tp_world_size, dim=model_tp_split[local_name])[grid.tp_rank]
-        return tensor.contiguous()
-
-    local_names = {param: local_name for local_name, param in model.named_parameters()}
+    saved = SavedTensors(checkpoint_dir)
+    model.load_parameters(parameter_reader(saved, model, key=lambda name: f"model.{name}"), exact_master=True)
+    moments = {kind: parameter_reader(saved, model, key=lambda name, kind=kind: f"{kind}.{name}")
+               for kind in ("exp_avg", "exp_avg_sq")}
+    local_names = {param: name for name, param in model.module.named_parameters()}
+    first_layer = getattr(model.module, "start_layer", 0)
     for bucket in model.buckets:
-        # Each bucket's flat fp32 master and moments, then the piece this rank owns.
-        flat = {kind: torch.zeros(bucket.padded_numel) for kind in ("model", "exp_avg", "exp_avg_sq")}
-        for param, offset in zip(bucket.params, bucket.offsets):
-            name = names[local_names[param]]
-            for kind in flat:
-                flat[kind][offset:offset + param.numel()] = this_rank_slice(f"{kind}.{name}", local_names[param]).view(-1)
-            step = full[f"step.{name}"]  # a float32 CPU scalar, as AdamW keeps it; the same for every tensor
-        with torch.no_grad():
-            if bucket.shards_params:  # ZeRO-3: the owned piece only; the next forward gathers the rest
-                bucket.param_shard.copy_(flat["model"][bucket.owned])
-            else:
-                bucket.param_buffer.copy_(flat["model"])  # every parameter, in the compute dtype
-            bucket.master.copy_(flat["model"][bucket.owned])
-        optimizer.load_owned_state(bucket, exp_avg=flat["exp_avg"][bucket.owned].to(bucket.master),
-                                   exp_avg_sq=flat["exp_avg_sq"][bucket.owned].to(bucket.master), step=step)
+        flat = {kind: torch.zeros_like(bucket.master) for kind in moments}  # the owned piece's, padding zeros
+        step = None
+        for param, start, end, piece in bucket.owned_pieces():
+            name = local_names[param]
+            for kind, read in moments.items():
+                flat[kind][piece] = read(name, start, end)
+            # a float32 CPU scalar, as AdamW keeps it; the same for every tensor
+            step = saved.read_scalar(f"step.{global_name(name, first_layer)}")
+        if step is not None:
+            optimizer.load_owned_state(bucket, exp_avg=flat["exp_avg"], exp_avg_sq=flat["exp_avg_sq"], step=step)
     data_loader.load_state_dict(metadata["data"])
     return metadata["step"], metadata["tokens"]
-
-

@@ -3,7 +3,13 @@
 Module and parameter names mirror transformers' LlamaForCausalLM
 (`embed_tokens`, `layers.N.self_attn.q_proj`, ...), so a Hugging Face state dict
 loads with nothing more than dropping its `model.` prefix.
+
+From step 12 on no rank builds the whole model: train.py builds it on the meta device (shapes, no memory) and
+fills in only what the rank keeps, from seeded_parameters: the values Llama(config) draws from the seed, one
+tensor at a time.
 """
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -39,11 +45,17 @@ def apply_rotary(x, cos, sin):
     return x * cos + rotate_half(x) * sin
 
 
+REDRAWN = (nn.Linear, nn.Embedding)  # what Llama._init_weights draws again after construction
+
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size, eps):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+
+    def reset_parameters(self):  # as nn.Linear and nn.Embedding have: what materialising a meta module calls
+        nn.init.ones_(self.weight)
 
     def forward(self, x):
         # Normalise in fp32 so bf16 activations do not lose the small variances.
@@ -128,7 +140,7 @@ class Llama(nn.Module):
     def _init_weights(self, module):
         # Same scheme as transformers: N(0, initializer_range) for matrices, zero biases, ones for norms.
         std = getattr(self.config, "initializer_range", 0.02)
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if isinstance(module, REDRAWN):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
@@ -154,3 +166,32 @@ class Llama(nn.Module):
         # Rotary buffers are recomputed on the fly; anything else unknown is a real mismatch.
         state = {name: tensor for name, tensor in state.items() if "rotary_emb" not in name}
         self.load_state_dict(state, strict=True)
+
+
+def seeded_parameters(config, seed):
+    """(name, full fp32 CPU tensor) for every parameter of Llama(config) built after torch.manual_seed(seed), in the
+    model's order, one tensor in memory at a time: bit for bit what the full build holds, without building it.
+
+    The full build draws twice from the seed stream: each nn.Linear and nn.Embedding initialises itself as it is
+    constructed (reset_parameters), then _init_weights draws every matrix again. Both passes run here over copies
+    of one module at a time, in the same order (the order of named_modules, which is the order of construction),
+    so the stream advances exactly as it did: a tied LM head draws its own values too, then uses the embedding's."""
+    with torch.device("meta"):
+        skeleton = Llama(config)  # shapes only: no memory, no random numbers
+    leaves = [(prefix, module) for prefix, module in skeleton.named_modules()
+              if list(module.parameters(recurse=False))]
+    torch.manual_seed(seed)
+    built = {}  # the constructors' values of what _init_weights leaves alone (the norms' ones): small
+    for prefix, module in leaves:  # what the constructors draw, all of it before _init_weights draws anything
+        full = copy.deepcopy(module).to_empty(device="cpu")
+        full.reset_parameters()
+        if not isinstance(full, REDRAWN):
+            built[prefix] = full
+    seen = set()
+    for prefix, module in leaves:  # what _init_weights draws over it: the values the model keeps
+        full = built.pop(prefix, None) or copy.deepcopy(module).to_empty(device="cpu")
+        skeleton._init_weights(full)
+        for name, meta in module.named_parameters(recurse=False):
+            if meta not in seen:  # a tied LM head is the embedding's weight, yielded once
+                seen.add(meta)
+                yield f"{prefix}.{name}", getattr(full, name).detach()

@@ -72,9 +72,20 @@ def stage_layer_range(num_layers, pp_size, pp_rank):
     return start, start + base + (1 if pp_rank < extra else 0)
 
 
+def global_name(local_name, first_layer):
+    """A rank's parameter name -> its name in the full model: without the data-parallel wrapper's `module.`,
+    with the global index of a stage's layer (`module.layers.1.mlp.up_proj.weight` on a stage whose
+    first layer is 2 -> `layers.3.mlp.up_proj.weight`)."""
+    name = local_name.removeprefix("module.")
+    if name.startswith("layers."):
+        _, index, rest = name.split(".", 2)
+        name = f"layers.{int(index) + first_layer}.{rest}"
+    return name
+
+
 class PipelineParallel(nn.Module):
-    """This stage's part of a full Llama. Every rank builds the full model from the same seed and
-    keeps only its stage, so the stages together hold exactly the single-process weights."""
+    """This stage's part of a full Llama, built on the meta device: weights.py then fills in this stage's
+    weights from the seed stream, so the stages together hold exactly the single-process weights."""
 
     def __init__(self, model, config):
         super().__init__()

@@ -1,8 +1,9 @@
 """The guards of --save_dir: what keeps a run from losing or mixing up another one before anything is written.
 
-    claim_save_dir        global rank 0 locks the directory for the run (first: two runs started together cannot
-                          both pass the checks), every rank checks what is in it, rank 0 signs the lock
-    check_every_rank_sees after init_distributed: every rank sees the same directory (a token file)
+    claim_save_dir        after init_distributed: global rank 0 locks the directory for the run (first: two runs
+                          started together cannot both pass the checks), every rank sees the same directory (a
+                          token file), every rank checks what is in it (the files of a checkpoint to resume from
+                          hashed once in all, by the ranks in turn), rank 0 signs the lock
 
 The checkpoint format they read (complete_checkpoints, damage, read_metadata) is checkpoint.py's.
 """
@@ -23,10 +24,11 @@ SEEN_BY_EVERY_RANK = ".seen_by_every_rank"  # written by global rank 0 at start-
 
 
 def claim_save_dir(save_dir, resume, run):
-    """Lock (global rank 0), check (every rank, the same verdict), sign the lock (rank 0). Returns the checkpoint to
-    resume from (None for a fresh run) and the lock, which lasts as long as the returned file stays open: keep it
-    for the whole run (None on the other ranks)."""
-    lock = lock_save_dir(save_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+    """Lock (global rank 0), see (every rank), check (every rank, the same verdict), sign the lock (rank 0). Returns
+    the checkpoint to resume from (None for a fresh run) and the lock, which lasts as long as the returned file stays
+    open: keep it for the whole run (None on the other ranks). Collectives: after init_distributed."""
+    lock = lock_save_dir(save_dir) if dist.get_rank() == 0 else None
+    check_every_rank_sees(save_dir)
     resume_from = check_save_dir(save_dir, resume, run)
     if lock is not None:
         sign_lock(lock)

@@ -20,8 +20,9 @@ cross-entropy is the same line as without tensor parallelism. (A vocab-parallel 
 save materialising [batch, seq, vocab] logits on every rank; at this tutorial's vocabulary sizes the
 gather is cheap and the loss stays unchanged.)
 
-Exact init: every layer here is built from the full layer that Llama(config) created from the seed and
-keeps this rank's contiguous block of rows (column-parallel, embedding) or columns (row-parallel), so a
+Exact init: every layer here is built from the full layer of Llama(config) and keeps this rank's contiguous
+block of rows (column-parallel, embedding) or columns (row-parallel). In step 12 the full layer is on the meta
+device (shapes only) and local_elements later reads this rank's block of the seed's values (weights.py), so a
 tp run starts from bit-identical weights. q/k/v rows are head-major, so a block of rows is a block of
 heads: rank r holds query heads [r*H/tp, (r+1)*H/tp) and key/value heads [r*KV/tp, (r+1)*KV/tp), which
 are exactly the kv heads those query heads use under grouped-query attention whenever tp divides both
@@ -164,6 +165,34 @@ def tp_sharded_parameters(model):
     holds whole, with the same gradient: the global gradient norm must count it once, not tp times."""
     layers = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)
     return {module.weight for module in model.modules() if isinstance(module, layers)}
+
+def tp_split_of_model(model):
+    """Local parameter name -> the dimension tensor_parallel.py split it along (unsplit ones are absent):
+    column-parallel layers and the embedding by rows (output features, vocabulary), row-parallel by columns."""
+    dims = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            dims[f"{prefix}.weight"] = dims[f"{prefix}.bias"] = 0
+        elif isinstance(module, RowParallelLinear):
+            dims[f"{prefix}.weight"] = 1  # its bias is added after the all-reduce: whole on every rank
+    return dims
+
+
+def local_elements(read_block, shape, dim, start, end):
+    """Elements [start, end) of this rank's tp shard of a tensor of full `shape`, split along `dim` (None: whole on
+    every rank), flattened: from read_block(rows, cols) -> full[rows[0]:rows[1], cols[0]:cols[1]] (a 1-D tensor is
+    one column), asking for the rows that hold them and for this rank's columns only."""
+    height, width = shape[0], shape[1] if len(shape) > 1 else 1
+    rows, cols = (0, height), (0, width)
+    if dim == 0:
+        rows = local_range(height, "rows")
+    elif dim == 1:
+        cols = local_range(width, "columns")
+    width = cols[1] - cols[0]
+    first, last = start // width, -(-end // width)  # the rows of the shard that hold [start, end)
+    block = read_block((rows[0] + first, rows[0] + last), cols)  # [last - first, width]
+    return block.reshape(-1)[start - first * width:end - first * width]
+
 
 def copy_block_input(module, args):
     """Forward pre-hook: the block's input enters the tensor-parallel region once, for all its projections."""

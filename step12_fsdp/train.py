@@ -16,18 +16,19 @@ import process_group_manager as pgm
 from checkpoint import load_checkpoint, run_settings, save_checkpoint
 from context_parallel import apply_context_parallel
 from dataloader import DEFAULT_DATASET, MicroBatchDataLoader
-from hf_weights import load_hf_weights
+from hf_weights import HFWeights
 from model import Llama
 from optimizer import lr_scheduler, resolve_warmup_steps
 from pipeline_parallel import PipelineParallel, train_step_pipeline_1f1b, train_step_pipeline_afab
 from process_group_manager import node_warning, setup_process_group_manager, validate_layout
-from save_dir import check_every_rank_sees, claim_save_dir
+from save_dir import claim_save_dir
 from tensor_parallel import apply_tensor_parallel
 from utils import (ArgumentParser, DEFAULT_MODEL, MetricsLogger, average_loss_across_dp_cp_ranks, check_loss,
                    check_same_settings, close_distributed, fail, flops_per_token, init_distributed, integer,
                    load_config, measure_matmul_flops, non_negative_float, output_file, peak_flops_per_device,
                    peak_memory_gb, peer_failures_end_the_run, positive_float, resolve_device, resolve_dtype,
                    set_all_seed, to_readable_format, warn)
+from weights import SeededWeights, parameter_reader
 from zero import ZERO_STAGES, ZeroAdamW, ZeroDataParallel
 
 
@@ -141,24 +142,30 @@ def check_command_line(args, config, world_size):
         warn(warning)
 
 
-def build_model(args, config, device, dtype):
-    """Every rank builds the same full model from the same seed, then keeps its part of it and wraps it for
-    the parallelism in use; and the optimizer."""
+def build_model(args, config, device, dtype, initialise=True):
+    """The model of this rank and its optimizer. No rank builds the whole model: it is built on the meta device
+    (shapes, no memory), cut to this rank's tp shards and pipeline stage and wrapped for ZeRO, which allocates only
+    what the rank keeps (at stage 3 its pieces); then initialise gives that its values, read a block at a time from
+    the seed stream (bit for bit the full build of every earlier step) or from --init_from_hf's files (by slices).
+    A resume passes initialise=False: load_checkpoint gives the values."""
     grid = pgm.process_group_manager
     set_all_seed(args.seed)
-    model = Llama(config)
-    if args.init_from_hf:
-        load_hf_weights(model, args.init_from_hf)  # the full model, before it is sharded
+    with torch.device("meta"):
+        model = Llama(config)
+    shapes = {name: param.shape for name, param in model.named_parameters()}  # the full model's
     if grid.tp_world_size > 1:
-        apply_tensor_parallel(model)  # keep this rank's shard of the full weights
+        apply_tensor_parallel(model)  # this rank's shards (shapes still)
     if grid.cp_world_size > 1:
         apply_context_parallel(model)  # attention over the whole sequence, from this rank's share of the tokens
-    model = model.to(device=device, dtype=dtype)
+    model = model.to(dtype=dtype)
     if grid.pp_world_size > 1:
-        model = PipelineParallel(model, config)  # keep only this stage's layers
+        model = PipelineParallel(model, config)  # only this stage's layers
     # fp32 gradient buckets, averaged over the dp x cp ranks, whole (stage 0) or sharded (stages 1 to 3), and at
-    # stage 3 the parameters sharded too, each unit gathered only while it computes
-    model = ZeroDataParallel(model, zero_stage=args.zero_stage, bucket_size_mb=args.bucket_size_mb)
+    # stage 3 the parameters sharded too, each unit gathered only while it computes: allocated on the device
+    model = ZeroDataParallel(model, zero_stage=args.zero_stage, bucket_size_mb=args.bucket_size_mb, device=device)
+    if initialise:
+        source = HFWeights(args.init_from_hf, shapes) if args.init_from_hf else SeededWeights(config, args.seed)
+        model.load_parameters(parameter_reader(source, model), exact_master=False)
     # AdamW on the fp32 master pieces this rank owns, matrices decaying
     optimizer = ZeroAdamW(model, lr=args.learning_rate, weight_decay=args.weight_decay)
     return model, optimizer
@@ -219,13 +226,11 @@ def main():
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     check_command_line(args, config, world_size)
     run = run_settings(args, config)
-    # Global rank 0 locks --save_dir before any check of it, for as long as save_dir_lock stays open: the process.
-    resume_from, save_dir_lock = claim_save_dir(args.save_dir, args.resume, run) if args.save_dir else (None, None)
 
     init_distributed(device, args.timeout_s)
     check_same_settings(args, config)
-    if args.save_dir:
-        check_every_rank_sees(args.save_dir)
+    # Global rank 0 locks --save_dir before any check of it, for as long as save_dir_lock stays open: the process.
+    resume_from, save_dir_lock = claim_save_dir(args.save_dir, args.resume, run) if args.save_dir else (None, None)
     setup_process_group_manager(args.tp_size, args.cp_size, args.pp_size, args.dp_size, timeout_s=args.timeout_s)
     grid = pgm.process_group_manager
     is_logging_rank = grid.tp_rank == 0 and grid.cp_rank == 0 and grid.dp_rank == 0 and grid.pp_is_last_stage
@@ -236,7 +241,7 @@ def main():
                                        grad_acc_steps=args.gradient_accumulation_steps, num_workers=args.num_workers,
                                        num_proc=args.num_proc, seed=args.seed)
 
-    model, optimizer = build_model(args, config, device, dtype)
+    model, optimizer = build_model(args, config, device, dtype, initialise=resume_from is None)
     progress = Progress(args, config, model, data_loader, device, dtype, world_size) if is_logging_rank else None
 
     tokens_per_step = data_loader.global_batch_size * args.seq_len

@@ -101,7 +101,7 @@ class ShardedBucket:
     fp32 buffer; both cut into N pieces, one owned by each rank of the dp x cp group. Under ZeRO-3 a bucket is
     one unit (a decoder layer, say), and its parameter buffer has memory only while the unit is gathered."""
 
-    def __init__(self, params, zero_stage, group):
+    def __init__(self, params, zero_stage, group, device=None):
         self.params = params
         self.zero_stage = zero_stage
         self.group = group
@@ -114,17 +114,27 @@ class ShardedBucket:
         self.owned = slice(rank * piece, (rank + 1) * piece) if zero_stage > 0 else slice(0, self.padded_numel)
         self.shards_optimizer_state = zero_stage > 0 and self.num_ranks > 1  # each rank owns its own piece
         first = params[0]
-        self.param_buffer = torch.zeros(self.padded_numel, dtype=first.dtype, device=first.device)
-        self.offsets = []  # each parameter's place in the flat buffers
-        offset = 0
-        for param in params:
-            self.param_buffer[offset:offset + param.numel()].copy_(param.detach().reshape(-1))
-            param.data = self.param_buffer[offset:offset + param.numel()].view_as(param)
-            self.offsets.append(offset)
-            offset += param.numel()
+        on_meta = first.is_meta  # built on the meta device (train.py): load_parameters gives the values later
+        device = first.device if device is None else device
         # ZeRO-3: the rank keeps its piece of the parameters in a tensor of its own, and the full buffer's
         # memory exists only while the unit is gathered (the parameters stay views into it all along).
         self.shards_params = zero_stage == 3 and self.num_ranks > 1
+        # torch.empty: pages never written take no memory (ZeRO-3 frees the buffer before anything writes it)
+        self.param_buffer = torch.empty(self.padded_numel, dtype=first.dtype, device=device)
+        self.offsets = []  # each parameter's place in the flat buffers
+        offset = 0
+        for param in params:
+            view = self.param_buffer[offset:offset + param.numel()].view_as(param)
+            if on_meta:  # the same Parameter object (a tied one stays tied), moved off the meta device
+                torch.utils.swap_tensors(param, nn.Parameter(view.new_empty(0), requires_grad=param.requires_grad))
+            else:  # a model built whole (the checks and the benchmarks build one): its values into the buffer
+                view.copy_(param.detach())
+            param.data = view  # .data: a view of the buffer's memory, with a version counter of its own
+            self.offsets.append(offset)
+            offset += param.numel()
+        self.param_buffer[offset:].zero_()  # the padding
+        if on_meta and not self.shards_params:
+            self.param_buffer[:offset].zero_()
         self.param_shard = self.param_buffer[self.owned].clone() if self.shards_params else self.param_buffer[self.owned]
         self.gather_handle = None
         if self.shards_params:
@@ -236,7 +246,9 @@ class ZeroDataParallel(nn.Module):
     in fp32, and at stage 3 the parameters too; at dp x cp = 1 it is the fp32 gradient accumulator that mixed
     precision needs."""
 
-    def __init__(self, module, zero_stage=0, bucket_size_mb=25):
+    def __init__(self, module, zero_stage=0, bucket_size_mb=25, device=None):
+        """module: built whole, or on the meta device (then every buffer is allocated on `device`, and
+        load_parameters gives the parameters their values)."""
         super().__init__()
         self.module = module
         self.zero_stage = zero_stage
@@ -254,7 +266,7 @@ class ZeroDataParallel(nn.Module):
                                  "head; this model has parameters outside them")
         else:
             groups = DataParallelBucket.group_into_buckets(params[::-1], bucket_size_mb)
-        self.buckets = [ShardedBucket(bucket_params, zero_stage, group) for bucket_params in groups]
+        self.buckets = [ShardedBucket(bucket_params, zero_stage, group, device) for bucket_params in groups]
         self.in_flight = []  # buckets whose reduction was started and not yet waited for, oldest first
         for bucket in self.buckets:
             for param in bucket.params:
@@ -280,6 +292,34 @@ class ZeroDataParallel(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+    def load_parameters(self, read, exact_master):
+        """Give this rank what it keeps of every parameter, in the model's order: all of it (its tp shard) at stages
+        0 to 2, the piece it owns at stage 3; and the fp32 master of the owned piece. read(name, start, end) gives
+        the elements [start, end) of parameter `name` (as self.module names it; this rank's tp shard, flattened) in
+        fp32. exact_master: the master takes read's fp32 values (a checkpoint's); otherwise the parameters' (an
+        initialisation: the model in its compute dtype, as every earlier step casts it)."""
+        place = {param: (bucket, offset) for bucket in self.buckets for param, offset in zip(bucket.params, bucket.offsets)}
+        with torch.no_grad():
+            for name, param in self.module.named_parameters():
+                bucket, offset = place[param]
+                owned = bucket.owned
+                start, end = offset, offset + param.numel()  # where it lies in the bucket
+                if bucket.shards_params:
+                    start, end = max(start, owned.start), min(end, owned.stop)
+                if start >= end:
+                    continue  # no element of it is this rank's
+                values = read(name, start - offset, end - offset)
+                if bucket.shards_params:
+                    bucket.param_shard[start - owned.start:end - owned.start].copy_(values)
+                else:
+                    bucket.param_buffer[start:end].copy_(values)
+                first, last = max(start, owned.start), min(end, owned.stop)
+                if exact_master and first < last:
+                    bucket.master[first - owned.start:last - owned.start].copy_(values[first - start:last - start])
+            for bucket in self.buckets:
+                if not exact_master and not bucket.master_is_param:
+                    bucket.master.copy_(bucket.param_shard)
 
     def _wait_for_gathers(self, buckets, module, args):
         for bucket in buckets:

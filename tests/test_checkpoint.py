@@ -223,9 +223,11 @@ def make_hf_checkpoint(folder, tied, shard):
     return model
 
 
-INIT_FROM_HF = {  # name: (nproc, layout, tied, sharded model files)
-    "tp2_tied": (2, ["--tp_size", 2], True, True),  # tied embeddings stay tied under tensor parallelism
-    "pp2": (2, ["--pp_size", 2, "--pp_engine", "1f1b"], False, False),
+INIT_FROM_HF = {  # name: (nproc, layout, tied, sharded model files, step)
+    "tp2_tied": (2, ["--tp_size", 2], True, True, "step10"),  # tied embeddings stay tied under tensor parallelism
+    "pp2": (2, ["--pp_size", 2, "--pp_engine", "1f1b"], False, False, "step10"),
+    # step 12 reads the files by slices, each rank its pieces of the (tied) units: the same global batch as above
+    "step12_dp2_zero3_tied": (2, ["--micro_batch_size", 1, "--dp_size", 2, "--zero_stage", 3], True, True, "step12"),
 }
 
 
@@ -233,10 +235,10 @@ INIT_FROM_HF = {  # name: (nproc, layout, tied, sharded model files)
 def init_from_hf_runs(torchrun, tmp_path_factory):
     """One step from transformers-made weights in each layout: name -> (run, transformers model, its dir, save_dir)."""
     def launch(name):
-        nproc, layout, tied, shard = INIT_FROM_HF[name]
+        nproc, layout, tied, shard, step = INIT_FROM_HF[name]
         model_dir, save_dir = tmp_path_factory.mktemp(f"hf_{name}"), tmp_path_factory.mktemp(f"ckpt_hf_{name}")
         model = make_hf_checkpoint(model_dir, tied=tied, shard=shard)
-        run = torchrun("step10", nproc, "--seq_len", 32, "--micro_batch_size", 2, "--gradient_accumulation_steps", 2,
+        run = torchrun(step, nproc, "--seq_len", 32, "--micro_batch_size", 2, "--gradient_accumulation_steps", 2,
                        "--max_tokens", 4 * 32, *layout, "--model_name", model_dir, "--init_from_hf", model_dir,
                        "--save_dir", save_dir)
         return name, (run, model, model_dir, save_dir)
@@ -754,6 +756,8 @@ def test_save_dir_guards_lock_first_write_to_prove_writable_and_name_a_file(step
     monkeypatch.setattr(sys, "argv", ["train.py", "--save_dir", str(used)])
     with pytest.raises(SystemExit):
         train.main()  # a fresh run into a used directory that another run holds: the lock speaks first
+    if dist.is_initialized():  # step 12: the guards are collectives (the checkpoint's files hashed once in all)
+        dist.destroy_process_group()
     held.close()
     assert f"error: --save_dir {used} is in use by another run" in capsys.readouterr().err
 

@@ -5,6 +5,7 @@ bit, on one process at stage 0, and a stage-0 checkpoint resumes at stage 3 unde
 transformers. What a rank holds between units and in flight is checked from inside a run by tests/zero_check.py
 (tests/test_zero.py)."""
 import json
+import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
@@ -144,3 +145,84 @@ def test_export_of_a_zero_3_checkpoint_loads_in_transformers(checkpoint_runs, tm
     full, save_dir = checkpoint_runs["zero3_dp2"]
     assert full.returncode == 0, full
     export_and_compare(save_dir, tmp_path / "hf")
+
+
+def test_the_seed_stream_gives_the_full_build_one_tensor_at_a_time():
+    """Issue 29, item 1: step 12 builds no whole model; model.seeded_parameters draws what Llama(config) draws from the
+    seed, in the same order, one tensor at a time: bit for bit the values of every earlier step's full build (tied
+    or not, with biases or not)."""
+    import torch
+    from transformers import LlamaConfig
+
+    from conftest import import_step
+    model = import_step("step12", "model")
+    for tied, bias in ((False, False), (True, True)):
+        config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
+                             attention_bias=bias, mlp_bias=bias)
+        torch.manual_seed(3)
+        full = dict(model.Llama(config).named_parameters())
+        streamed = list(model.seeded_parameters(config, seed=3))
+        assert [name for name, _ in streamed] == list(full)
+        for name, tensor in streamed:
+            assert torch.equal(tensor, full[name]), name
+
+
+class ReadsRecorded:
+    """A checkpoint file that notes the (key, start, stop) of every slice read from it."""
+
+    def __init__(self, file, reads):
+        self.file, self.reads = file, reads
+
+    def get_slice(self, key):
+        file, reads = self.file, self.reads
+
+        class Slice:
+            def __getitem__(self, index):
+                reads.append((key, index.start, index.stop))
+                return file.get_slice(key)[index]
+        return Slice()
+
+    def get_tensor(self, key):
+        return self.file.get_tensor(key)
+
+
+def test_a_resume_reads_only_the_pieces_it_owns_and_the_files_are_hashed_once_across_the_ranks(checkpoint_runs,
+                                                                                               monkeypatch):
+    """Issue 29, item 1. A dp 2, stage 3 checkpoint (two files, one per ZeRO shard): the rows of a matrix that lie
+    in shard 1's piece are read from shard 1's file alone, and only them; blocks read that way equal the whole tensor.
+    damage() hashes each file on one rank (file i on rank i mod 2) and every rank takes the same verdict."""
+    import torch
+
+    from conftest import import_step
+    checkpoint = import_step("step12", "checkpoint")
+    folder = str(checkpoint_runs["zero3_dp2"][1] / "step_000003")
+    saved = checkpoint.SavedTensors(folder)
+    key = "model.layers.0.mlp.up_proj.weight"
+    rows, cols = saved.shape(key)
+    full = checkpoint.read_full_tensors(folder, lambda k: k == key)[key]
+    assert torch.equal(saved.read_block(key, (0, rows), (0, cols)), full)
+    [(start, end, path)] = [piece for piece in saved.pieces[key][0] if piece[2].endswith("shard01.safetensors")]
+    first, last = -(-start // cols), end // cols  # whole rows inside shard 1's piece
+    assert last - first >= 2
+    reads = {path: [] for path in saved.files}
+    saved.files = {path: ReadsRecorded(file, reads[path]) for path, file in saved.files.items()}
+    assert torch.equal(saved.read_block(key, (first, last), (8, 24)), full[first:last, 8:24])
+    assert reads == {**{p: [] for p in reads}, path: [(key, first * cols - start, last * cols - start)]}
+
+    checked = []
+    monkeypatch.setattr(checkpoint, "file_damage", lambda path, step, save_id: checked.append(path) or (
+        "its tensors do not match their checksum" if path.endswith("shard01.safetensors") else None))
+    monkeypatch.setattr(checkpoint.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(checkpoint.dist, "get_world_size", lambda group=None: 2)
+    verdicts, gathered = [], {}
+    for rank in (0, 1):
+        monkeypatch.setattr(checkpoint.dist, "get_rank", lambda group=None, rank=rank: rank)
+        # every rank's problem, as the gather gives them: rank 1's from its own check of shard 1
+        monkeypatch.setattr(checkpoint.dist, "all_gather_object", lambda out, problem, rank=rank: (
+            gathered.setdefault(rank, problem), out.__setitem__(slice(None), [
+                None, "pp00_tp00_shard01.safetensors: its tensors do not match their checksum"])))
+        verdicts.append(checkpoint.damage(folder))
+    assert sorted(map(os.path.basename, checked)) == ["pp00_tp00_shard00.safetensors", "pp00_tp00_shard01.safetensors"]
+    assert gathered == {0: None, 1: "pp00_tp00_shard01.safetensors: its tensors do not match their checksum"}
+    assert verdicts == ["pp00_tp00_shard01.safetensors: its tensors do not match their checksum"] * 2

@@ -6,7 +6,10 @@ For zero stages 0, 1 and 2, in fp32 and bf16: a few optimizer steps (grad_acc 2)
 tokens that differ on every rank. After every step it gathers every rank's parameters and records whether
 they are bitwise identical across the group. It also records the most full fp32 gradient buffers of
 ZeRO-2 alive at once during backward, the number of buckets, and how the optimizer's fp32 master is split
-(each rank's owned elements, and whether the pieces tile the padded buckets).
+(each rank's owned elements, and whether the pieces tile the padded buckets). In fp32 it also trains what one
+process would (every rank's micro-batches, the same AdamW) and records how far the gathered parameters are from
+it after every step, element by element: a reduction wrong in the same way on every rank passes the comparison
+across ranks, not this one.
 
 Step 12's ZeRO-3, in fp32 and bf16 (and with tied embeddings in fp32), beside step 12's stage 2 on the same tokens: the losses of every step, the
 most units whose full parameters exist at once (counted after every gather and free), how many are whole
@@ -28,6 +31,7 @@ sys.path.insert(0, str(ROOT / "step11_zero"))
 import process_group_manager as pgm  # noqa: E402
 import zero  # noqa: E402
 from model import Llama  # noqa: E402
+from optimizer import decay_groups  # noqa: E402
 from utils import load_config  # noqa: E402
 
 STEPS, GRAD_ACC, SEQ = 3, 2, 16
@@ -72,20 +76,47 @@ def train_step(model, optimizer, config, generator):
     return total
 
 
+def one_process(config, steps):
+    """The flat parameters after each of `steps` steps of one process that trains the same weights on every rank's
+    tokens (its micro-batches drawn from each rank's generator in turn, the loss divided by the number of ranks as
+    the averaging of the gradients divides it) with torch.optim.AdamW on the groups ZeroAdamW uses."""
+    torch.manual_seed(0)
+    model = ScaledLlama(config)
+    optimizer = torch.optim.AdamW(decay_groups(model.parameters(), weight_decay=0.01), lr=1e-3)
+    ranks = dist.get_world_size()
+    generators = [torch.Generator().manual_seed(1 + rank) for rank in range(ranks)]
+    after = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        for _ in range(GRAD_ACC):
+            for generator in generators:
+                tokens = torch.randint(0, config.vocab_size, (1, SEQ + 1), generator=generator)
+                logits = model(input_ids=tokens[:, :-1], position_ids=torch.arange(SEQ)[None])  # [1, seq, vocab]
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+                (loss / GRAD_ACC / ranks).backward()
+        optimizer.step()
+        after.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    return after
+
+
 def train(zero_stage, dtype, live_buffers):
     torch.manual_seed(0)  # the same initial weights on every rank
     config = tiny_config(num_hidden_layers=2)
     model = zero.ZeroDataParallel(ScaledLlama(config).to(dtype), zero_stage=zero_stage, bucket_size_mb=0.5)
     optimizer = zero.ZeroAdamW(model, lr=1e-3)
     generator = torch.Generator().manual_seed(1 + dist.get_rank())  # different tokens on every rank
-    identical = []
-    for _ in range(STEPS):
+    identical, from_one_process = [], []
+    reference = one_process(config, STEPS) if dtype == torch.float32 else None
+    for step in range(STEPS):
         train_step(model, optimizer, config, generator)
         mine = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
         everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(everyone, mine)
         identical.append(all(torch.equal(mine, other) for other in everyone))
-    return {"identical_after_each_step": identical, "buckets": len(model.buckets),
+        if reference is not None:
+            from_one_process.append((mine - reference[step]).abs().max().item())
+    return {"identical_after_each_step": identical, "max_abs_diff_from_one_process": from_one_process,
+            "buckets": len(model.buckets),
             "owned": [bucket.master.numel() for bucket in model.buckets],
             "padded": [bucket.padded_numel for bucket in model.buckets],
             "max_live_full_grad_buffers": max(live_buffers, default=0),

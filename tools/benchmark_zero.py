@@ -21,6 +21,20 @@ each, order rotated every round) so all see the same machine load. Per rank it m
                    (N-1)/N x B of the full buffer
   step_seconds     median over the timed steps (the group waits at a barrier before and after each), and
                    tokens/s of the whole group
+  peak_from_start_bytes
+                   the most memory the rank held at any moment since its process started, construction
+                   included: each stage of our --dtype rows again, in processes of its own, built as
+                   step12_fsdp/train.py builds it (on the meta device, each rank filling in only what it keeps)
+                   and taking two optimizer steps; the process's max RSS on the CPU (max_memory_allocated on
+                   CUDA). runtime_bytes: the same measure just before the model is built (the interpreter,
+                   torch, gloo), so peak_above_runtime_bytes is what the training itself took. formula_bytes:
+                   P + G + O of the ZeRO paper for the stage, from the parameter count (no activations, no
+                   units in flight). The goal, on a model of 90M parameters or more at dp 4 (fp32): stage 3's
+                   peak above the runtime <= 0.40x stage 0's (ideal about 0.30: (P + G + O)/4 plus what is in
+                   flight); --peak_only measures these rows alone:
+
+                     python tools/benchmark_zero.py --peak_only --dtype float32 --dp_sizes 4 --hidden_size 768 \
+                         --intermediate_size 2048 --num_hidden_layers 12 --vocab_size 8192
 
 The goal column holds each row against the ZeRO paper's accounting, taken from stage 0 at dp 1 (P, G, O its
 param, grad and optimizer bytes): stage 0 P + G + O, stage 1 P + G + O/N, stage 2 P + (G + O)/N, stage 3
@@ -52,6 +66,7 @@ import inspect
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -107,6 +122,7 @@ def parse_args():
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--json", action="store_true", help="print one JSON object per line instead of a table")
     parser.add_argument("--plot", default=None, help="draw the memory per rank into this PNG")
+    parser.add_argument("--peak_only", action="store_true", help="only peak_from_start_bytes, per stage and dp size")
     return parser.parse_args()
 
 
@@ -321,6 +337,68 @@ def worker(rank, dp_size, port, args, result_dir):
     dist.destroy_process_group()
 
 
+def peak_bytes():
+    """The most memory this process has held since it started: its max RSS (Linux counts it in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_worker(rank, dp_size, port, stage, args, result_dir):
+    """One zero stage in fresh processes, built as train.py builds it, two optimizer steps: the rank's peak memory
+    from process start, and the runtime's own just before the model is built."""
+    from train import build_model  # train.py's imports (the data pipeline among them) count as the runtime's
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=dp_size)
+    pgm.setup_process_group_manager(tp_size=1, cp_size=1, pp_size=1, dp_size=dp_size)
+    config = model_config(args)
+    batches = torch.randint(config.vocab_size, (2, args.gradient_accumulation_steps, dp_size, args.micro_batch_size,
+                                                args.seq_len + 1), generator=torch.Generator().manual_seed(1))
+    runtime = peak_bytes()
+    run = argparse.Namespace(seed=0, init_from_hf=None, zero_stage=stage, bucket_size_mb=args.bucket_size_mb,
+                             learning_rate=args.learning_rate, weight_decay=0.01)
+    model, optimizer = build_model(run, config, torch.device("cpu"), getattr(torch, args.dtype))
+    for step in range(2):  # AdamW's moments exist from the first step on
+        train_step("ours", model, optimizer, micro_batches=batches[step, :, rank])
+    result = {"peak_from_start_bytes": peak_bytes(), "runtime_bytes": runtime}
+    (Path(result_dir) / f"peak_{dp_size}_{stage}_{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def measure_peaks(args, result_dir):
+    """{(dp_size, stage): the fullest rank's peak_from_start_bytes, runtime_bytes, peak_above_runtime_bytes}"""
+    peaks = {}
+    for dp_size in args.dp_sizes:
+        for stage in STAGES:
+            mp.spawn(peak_worker, args=(dp_size, free_port(), stage, args, result_dir), nprocs=dp_size)
+            ranks = [json.loads((Path(result_dir) / f"peak_{dp_size}_{stage}_{rank}.json").read_text())
+                     for rank in range(dp_size)]
+            fullest = max(ranks, key=lambda r: r["peak_from_start_bytes"] - r["runtime_bytes"])
+            peaks[dp_size, stage] = {**fullest, "peak_above_runtime_bytes":
+                                     fullest["peak_from_start_bytes"] - fullest["runtime_bytes"]}
+    return peaks
+
+
+def formula_bytes(num_params, stage, dp_size, dtype):
+    """P + G + O of the ZeRO paper per rank: compute parameters, fp32 gradients, fp32 master (unless fp32) + moments."""
+    P = num_params * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    G, O = 4 * num_params, (8 if dtype == "float32" else 12) * num_params
+    return (P + G + O, P + G + O / dp_size, P + (G + O) / dp_size, (P + G + O) / dp_size)[stage]
+
+
+def print_peaks(peaks, num_params, args):
+    print(f"peak memory per rank from process start ({cpu_name()}, max RSS), {num_params / 1e6:.1f}M parameters, "
+          f"{args.dtype}; above runtime: minus the RSS just before the model was built")
+    print(f"{'stage':>5} {'dp':>3} {'peak MB':>8} {'runtime MB':>10} {'above MB':>9} {'formula MB':>10} "
+          f"{'above/stage 0':>13}")
+    for (dp_size, stage), peak in peaks.items():
+        stage0 = peaks.get((dp_size, 0))
+        ratio = peak["peak_above_runtime_bytes"] / stage0["peak_above_runtime_bytes"] if stage0 else float("nan")
+        goal = "  (goal <= 0.40 at 90M+ params, dp 4)" if stage == 3 else ""
+        print(f"{stage:>5} {dp_size:>3} {peak['peak_from_start_bytes'] / MB:>8.1f} {peak['runtime_bytes'] / MB:>10.1f} "
+              f"{peak['peak_above_runtime_bytes'] / MB:>9.1f} "
+              f"{formula_bytes(num_params, stage, dp_size, args.dtype) / MB:>10.1f} {ratio:>13.3f}{goal}")
+
+
 def merge_ranks(per_rank, tokens_per_step):
     """One row from every rank's result of one contestant: the fullest rank's bytes (what must fit), the
     slowest rank's time per step, the loss averaged over the ranks (the loss of the global batch)."""
@@ -462,17 +540,30 @@ def main():
     tokens_per_step = args.gradient_accumulation_steps * args.micro_batch_size * args.seq_len  # per rank
     rows = []
     with tempfile.TemporaryDirectory() as result_dir:
-        for dp_size in args.dp_sizes:
+        for dp_size in [] if args.peak_only else args.dp_sizes:
             mp.spawn(worker, args=(dp_size, free_port(), args, result_dir), nprocs=dp_size)
             per_rank = [json.loads((Path(result_dir) / f"{dp_size}_{rank}.json").read_text())
                         for rank in range(dp_size)]
             rows += [merge_ranks(list(contestant), tokens_per_step) for contestant in zip(*per_rank)]
+        peaks = measure_peaks(args, result_dir)
+    with torch.device("meta"):
+        num_params = sum(param.numel() for param in Llama(model_config(args)).parameters())
+    if args.peak_only:  # a row per stage and dp size, with the peaks only
+        rows = [{"contestant": "ours", "zero_stage": stage, "dtype": args.dtype, "dp_size": dp_size,
+                 "num_params": num_params} for dp_size, stage in peaks]
     add_expected(rows, args.dtype)
+    for row in rows:
+        peak = peaks.get((row["dp_size"], row["zero_stage"])) if row["contestant"] == "ours" and \
+            row["dtype"] == args.dtype else None
+        row.update(peak or dict.fromkeys(("peak_from_start_bytes", "runtime_bytes", "peak_above_runtime_bytes")))
+        row["formula_bytes"] = formula_bytes(num_params, row["zero_stage"], row["dp_size"], args.dtype) if peak else None
     if args.json:
         for row in rows:
             print(json.dumps(row))
     else:
-        print_table(rows, args)
+        if not args.peak_only:
+            print_table(rows, args)
+        print_peaks(peaks, num_params, args)
     if args.plot:
         plot(rows, args.plot, args.dtype)
 
