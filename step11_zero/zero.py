@@ -299,7 +299,9 @@ class ZeroAdamW:
         for piece in self.pieces:
             piece.master.grad = piece.bucket.owned_grad()[piece.piece]
         self.optimizer.step()
-        for bucket in self.buckets:
+        # In the order the next forward needs them: the buckets were made in backward's order (last layer first),
+        # and a group runs its collectives in the order they start, so the embedding's gather goes first.
+        for bucket in reversed(self.buckets):
             owned = bucket.param_buffer[bucket.owned]
             if not bucket.master_is_param:
                 owned.copy_(bucket.master)  # fp32 master -> compute dtype

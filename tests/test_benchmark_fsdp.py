@@ -49,3 +49,23 @@ def test_the_timeline_tool_sees_the_layers_gathered_twice_and_at_most_two_units_
         assert kinds == ["gather", "whole", "free"] * (2 if unit in (1, 2) else 1), (unit, kinds)
     assert result["most_units_in_memory"] == 2
     assert out.stat().st_size > 10_000
+
+
+def test_the_timeline_tool_sees_zero_1_gathers_started_by_the_step_and_waited_for_in_the_forward(tmp_path):
+    """Issue 29, item 4: at stage 1 ZeroAdamW.step starts every bucket's all-gather, in the order the next forward uses
+    the buckets, and waits for none; the forward waits for each just before its first use, in the same order."""
+    out = tmp_path / "gathers.png"
+    command = [sys.executable, str(ROOT / "tools" / "fsdp_timeline.py"), "--zero_stage", "1", "--bucket_size_mb",
+               "0.02", "--hidden_size", "64", "--intermediate_size", "128", "--num_hidden_layers", "2", "--vocab_size",
+               "512", "--seq_len", "32", "--out", str(out), "--json"]
+    proc = subprocess.run(command, cwd=ROOT, env=run_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    buckets = len(result["units"])
+    assert buckets >= 10 and result["units"][0].startswith("bucket 0: embed_tokens.weight")
+    (step_start, step_end), (forward_start, forward_end) = result["phases"]["optimizer"], result["phases"]["forward"]
+    events = sorted(result["events"], key=lambda event: event[2])
+    started = [bucket for bucket, what, seconds in events if what == "gather" and step_start <= seconds <= step_end]
+    waited = [bucket for bucket, what, seconds in events if what == "whole" and forward_start <= seconds <= forward_end]
+    assert started == waited == list(range(buckets)), events
+    assert out.stat().st_size > 10_000

@@ -11,6 +11,14 @@ below counts the units whose full buffer holds memory at each moment, being gath
 than two: one computes while the next is gathered). The embedding is gathered for its forward only (its backward
 reads no weight), and the norm with the LM head stays whole from its forward into its backward. The step measured is the second of the
 run, after a warm-up step; the times are rank 0's.
+
+    python tools/fsdp_timeline.py --zero_stage 1                    # draws assets/zero1_gather_overlap.png
+
+ZeRO-1 and 2 instead (steps 11, 12): the optimizer step of the second step and the forward after it, one row per
+bucket in the order the forward uses them. A light bar runs from the start of the bucket's all-gather of updated
+parameters (ZeroAdamW.step starts them all, in that order, and does not wait) to the end of the wait for it, just
+before the first module that uses the bucket computes. Where the wait ends one layer's compute after the one
+before, it did not wait: the later buckets arrive while the first layers compute.
 """
 import json
 import os
@@ -40,7 +48,10 @@ DP_SIZE = 2
 def parse_args():
     parser = model_arguments(__doc__, hidden_size=512, intermediate_size=1536, num_hidden_layers=6, vocab_size=4096,
                              seq_len=256, micro_batch_size=2)
-    parser.add_argument("--out", default=str(ROOT / "assets" / "fsdp_timeline.png"))
+    parser.add_argument("--zero_stage", type=int, choices=(1, 2, 3), default=3)
+    parser.add_argument("--bucket_size_mb", type=float, default=2.0, help="stages 1, 2: the buckets' size")
+    parser.add_argument("--out", default=None, help="the picture (default: assets/fsdp_timeline.png at stage 3, "
+                                                    "assets/zero1_gather_overlap.png at stages 1, 2)")
     parser.add_argument("--json", action="store_true", help="also print the events as JSON")
     return parser.parse_args()
 
@@ -57,6 +68,72 @@ def record_events(events):
                     or (what == "whole" and not whole_before) or (what == "free" and whole_before):
                 events.append((bucket, what, time.perf_counter()))
         setattr(zero.ShardedBucket, name, wrapped)
+
+
+def record_gathers(events, buckets):
+    """Stages 1, 2: (bucket, "gather", seconds) when ZeroAdamW.step starts a bucket's all-gather (the collective is
+    called with the bucket's buffer), (bucket, "whole", seconds) when a wait for one ends."""
+    bucket_of = {bucket.param_buffer.data_ptr(): bucket for bucket in buckets}
+    original_gather, original_finish = zero.all_gather, zero.ShardedBucket.finish_gather
+
+    def gather(output, *args, **kwargs):
+        handle = original_gather(output, *args, **kwargs)
+        if output.data_ptr() in bucket_of:
+            events.append((bucket_of[output.data_ptr()], "gather", time.perf_counter()))
+        return handle
+
+    def finish_gather(bucket):
+        pending = bucket.gather_handle is not None
+        original_finish(bucket)
+        if pending:
+            events.append((bucket, "whole", time.perf_counter()))
+    zero.all_gather, zero.ShardedBucket.finish_gather = gather, finish_gather
+
+
+def gather_worker(rank, port, args, result_dir):
+    """Stages 1, 2: a warm-up step, a second step's forward and backward, then its optimizer step and the next
+    forward timed."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=DP_SIZE)
+    pgm.setup_process_group_manager(tp_size=1, cp_size=1, pp_size=1, dp_size=DP_SIZE)
+    config = model_config(args)
+    torch.manual_seed(0)
+    model = zero.ZeroDataParallel(Llama(config), zero_stage=args.zero_stage, bucket_size_mb=args.bucket_size_mb)
+    optimizer = zero.ZeroAdamW(model, lr=1e-3)
+    names = {param: name for name, param in model.module.named_parameters()}
+    events = []
+    record_gathers(events, model.buckets)
+    generator = torch.Generator().manual_seed(1 + rank)
+
+    def forward():
+        tokens = torch.randint(config.vocab_size, (args.micro_batch_size, args.seq_len + 1), generator=generator)
+        logits = model(input_ids=tokens[:, :-1])  # [batch, seq, vocab]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+    for step in range(2):  # the first warms up
+        model.zero_grad()
+        forward().backward()
+        model.finish_gradient_synchronization()
+        dist.barrier()
+        events.clear()
+        start = time.perf_counter()
+        optimizer.step()
+        step_end = time.perf_counter()
+        model.zero_grad()
+        loss = forward()
+        forward_end = time.perf_counter()
+        loss.backward()  # (so that the next step has its gradients)
+    if rank == 0:
+        first_use = sorted(model.buckets, key=lambda bucket: min(
+            (seconds for unit, what, seconds in events if unit is bucket and what == "whole"), default=float("inf")))
+        units = {bucket: index for index, bucket in enumerate(first_use)}
+        result = {"units": [f"bucket {index}: {names[bucket.params[-1]]}" + (" ..." if len(bucket.params) > 1 else "")
+                            for index, bucket in enumerate(first_use)],
+                  "phases": {"optimizer": (0.0, step_end - start), "forward": (step_end - start, forward_end - start)},
+                  "events": [(units[bucket], what, seconds - start) for bucket, what, seconds in events]}
+        (Path(result_dir) / "timeline.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def worker(rank, port, args, result_dir):
@@ -154,11 +231,51 @@ def draw(result, path):
     plt.close(fig)
 
 
+def draw_gathers(result, path, zero_stage):
+    """Stages 1, 2: a row per bucket, its all-gather from start to the end of the wait, over the two phases."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    units, events = result["units"], result["events"]
+    fig, ax = plt.subplots(figsize=(11, 1.4 + 0.32 * len(units)))
+    colors = {"forward": "#dbe9f6", "optimizer": "#e3f1de"}
+    for phase, (begin, end) in result["phases"].items():
+        ax.axvspan(begin * 1000, end * 1000, color=colors[phase], zorder=0)
+        ax.text((begin + end) * 500, -0.9, phase, ha="center", va="bottom", fontsize=8)
+    for index in range(len(units)):
+        started = [seconds for unit, what, seconds in events if unit == index and what == "gather"]
+        waited = [seconds for unit, what, seconds in events if unit == index and what == "whole"]
+        if started and waited:
+            ax.barh(index, (waited[0] - started[0]) * 1000, left=started[0] * 1000, height=0.5, color="#9ecae1",
+                    label="from the start of its all-gather to its first use" if index == 0 else None)
+            ax.plot([waited[0] * 1000] * 2, [index - 0.3, index + 0.3], color="#08519c", linewidth=2,
+                    label="first use: the wait for it ends" if index == 0 else None)
+    ax.set_yticks(range(len(units)), units, fontsize=7)
+    ax.set_ylim(len(units) - 0.3, -1.2)
+    ax.set_xlabel("ms since the optimizer step began (rank 0)")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title(f"ZeRO-{zero_stage}, dp {DP_SIZE} (measured): the optimizer step starts every bucket's all-gather, "
+                 f"the forward waits for each\njust before its first use; only the first wait is long, the later "
+                 f"gathers ended while earlier layers computed", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main():
     args = parse_args()
+    sharded = args.zero_stage == 3
+    args.out = args.out or str(ROOT / "assets" / ("fsdp_timeline.png" if sharded else "zero1_gather_overlap.png"))
     with tempfile.TemporaryDirectory() as result_dir:
-        mp.spawn(worker, args=(free_port(), args, result_dir), nprocs=DP_SIZE)
+        mp.spawn(worker if sharded else gather_worker, args=(free_port(), args, result_dir), nprocs=DP_SIZE)
         result = json.loads((Path(result_dir) / "timeline.json").read_text())
+    if not sharded:
+        draw_gathers(result, args.out, args.zero_stage)
+        print(f"{len(result['units'])} buckets; drawn into {os.path.relpath(args.out)}")
+        if args.json:
+            print(json.dumps(result))
+        return
     _, most = units_in_memory(result["events"])
     result["most_units_in_memory"] = most
     draw(result, args.out)
