@@ -56,7 +56,6 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import process_group_manager as pgm
-from data_parallel import DataParallelBucket
 from optimizer import decays, sum_of_squares
 from tensor_parallel import tp_sharded_parameters
 
@@ -68,6 +67,21 @@ ZERO_STAGES = (0, 1, 2)
 # ZeRO-2: a bucket's full fp32 gradient buffer lives while backward fills it and while it is being reduced;
 # at most this many reductions are in flight before the oldest is waited for and its buffer freed.
 MAX_REDUCTIONS_IN_FLIGHT = 2
+
+
+def group_into_buckets(params, bucket_size_mb):
+    """Consecutive runs of params, each at most bucket_size_mb of fp32 gradients (a larger parameter
+    gets a bucket of its own)."""
+    max_numel = int(bucket_size_mb * 2**20) // 4  # fp32 gradients: 4 bytes each
+    groups = [[]]
+    numel = 0
+    for param in params:
+        if groups[-1] and numel + param.numel() > max_numel:
+            groups.append([])
+            numel = 0
+        groups[-1].append(param)
+        numel += param.numel()
+    return groups
 
 
 class ShardedBucket:
@@ -184,7 +198,7 @@ class ZeroDataParallel(nn.Module):
         group = grid.cp_dp_group if grid.cp_dp_world_size > 1 else None
         params = [p for p in module.parameters() if p.requires_grad]
         self.buckets = [ShardedBucket(bucket_params, zero_stage, group)
-                        for bucket_params in DataParallelBucket.group_into_buckets(params[::-1], bucket_size_mb)]
+                        for bucket_params in group_into_buckets(params[::-1], bucket_size_mb)]
         self.in_flight = []  # buckets whose reduction was started and not yet waited for, oldest first
         for bucket in self.buckets:
             for param in bucket.params:

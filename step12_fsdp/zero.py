@@ -82,7 +82,6 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import process_group_manager as pgm
-from data_parallel import DataParallelBucket
 from optimizer import decays, sum_of_squares
 from tensor_parallel import tp_sharded_parameters
 
@@ -94,6 +93,21 @@ ZERO_STAGES = (0, 1, 2, 3)
 # ZeRO-2/3: a bucket's full fp32 gradient buffer lives while backward fills it and while it is being reduced;
 # at most this many reductions are in flight before the oldest is waited for and its buffer freed.
 MAX_REDUCTIONS_IN_FLIGHT = 2
+
+
+def group_into_buckets(params, bucket_size_mb):
+    """Consecutive runs of params, each at most bucket_size_mb of fp32 gradients (a larger parameter
+    gets a bucket of its own)."""
+    max_numel = int(bucket_size_mb * 2**20) // 4  # fp32 gradients: 4 bytes each
+    groups = [[]]
+    numel = 0
+    for param in params:
+        if groups[-1] and numel + param.numel() > max_numel:
+            groups.append([])
+            numel = 0
+        groups[-1].append(param)
+        numel += param.numel()
+    return groups
 
 
 class ShardedBucket:
@@ -265,7 +279,7 @@ class ZeroDataParallel(nn.Module):
                 raise ValueError("ZeRO-3 gathers the embedding, the decoder layers and the final norm with the LM "
                                  "head; this model has parameters outside them")
         else:
-            groups = DataParallelBucket.group_into_buckets(params[::-1], bucket_size_mb)
+            groups = group_into_buckets(params[::-1], bucket_size_mb)
         self.buckets = [ShardedBucket(bucket_params, zero_stage, group, device) for bucket_params in groups]
         self.in_flight = []  # buckets whose reduction was started and not yet waited for, oldest first
         for bucket in self.buckets:

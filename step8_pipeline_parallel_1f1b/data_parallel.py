@@ -103,6 +103,21 @@ class Bucket:
         self.handle = None
 
 
+def group_into_buckets(params, bucket_size_mb):
+    """Consecutive runs of params, each at most bucket_size_mb of fp32 gradients (a larger parameter
+    gets a bucket of its own)."""
+    max_numel = int(bucket_size_mb * 2**20) // 4  # fp32 gradients: 4 bytes each
+    groups = [[]]
+    numel = 0
+    for param in params:
+        if groups[-1] and numel + param.numel() > max_numel:
+            groups.append([])
+            numel = 0
+        groups[-1].append(param)
+        numel += param.numel()
+    return groups
+
+
 class DataParallelBucket(nn.Module):
     def __init__(self, module, bucket_size_mb=25):
         super().__init__()
@@ -111,26 +126,11 @@ class DataParallelBucket(nn.Module):
         self.require_backward_grad_sync = True
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.buckets = [Bucket(params, self.params[0].device)
-                        for params in self.group_into_buckets(self.params[::-1], bucket_size_mb)]
+                        for params in group_into_buckets(self.params[::-1], bucket_size_mb)]
         for bucket in self.buckets:
             for param in bucket.params:
                 # Post-accumulate: runs once param.grad holds this backward's full gradient of the parameter.
                 param.register_post_accumulate_grad_hook(functools.partial(self._gradient_ready, bucket))
-
-    @staticmethod
-    def group_into_buckets(params, bucket_size_mb):
-        """Consecutive runs of params, each at most bucket_size_mb of fp32 gradients (a larger parameter
-        gets a bucket of its own)."""
-        max_numel = int(bucket_size_mb * 2**20) // 4  # fp32 gradients: 4 bytes each
-        groups = [[]]
-        numel = 0
-        for param in params:
-            if groups[-1] and numel + param.numel() > max_numel:
-                groups.append([])
-                numel = 0
-            groups[-1].append(param)
-            numel += param.numel()
-        return groups
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
