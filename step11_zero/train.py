@@ -227,7 +227,7 @@ def main():
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     check_command_line(args, config, world_size)
     run = run_settings(args, config)
-    # Global rank 0 locks --save_dir before any check of it, for as long as save_dir_lock stays open: the process.
+    # Global rank 0 locks --save_dir before any check of it, until save_dir_lock is closed at the end of the run.
     resume_from, save_dir_lock = claim_save_dir(args.save_dir, args.resume, run) if args.save_dir else (None, None)
 
     init_distributed(device, args.timeout_s)
@@ -291,6 +291,8 @@ def main():
     if progress:
         progress.close()
     close_distributed()
+    if save_dir_lock:
+        save_dir_lock.close()  # the run is over: --save_dir is free for the next one
 
 
 if __name__ == "__main__":

@@ -215,8 +215,7 @@ def save_checkpoint(save_dir, step, tokens, model, optimizer, data_loader, run, 
     problem = attempt(fresh_folder, checkpoint_dir) if grid.global_rank == 0 else None
     all_succeeded(problem, checkpoint_dir)  # the folder exists, and is empty
 
-    zero_stage = model.zero_stage
-    shards = grid.cp_dp_world_size if zero_stage > 0 else 1
+    shards = grid.cp_dp_world_size if model.stage.shards_optimizer_state else 1
     shard = dist.get_rank(grid.cp_dp_group) if shards > 1 else 0
     problem = None
     if shards > 1 or (grid.dp_rank == 0 and grid.cp_rank == 0):
@@ -239,7 +238,7 @@ def save_checkpoint(save_dir, step, tokens, model, optimizer, data_loader, run, 
         # copies: safetensors refuses tensors that share memory (pieces of one flat buffer, the one step counter)
         tensors = {key: t.detach().to("cpu", copy=True) for key, t in tensors.items()}
         metadata = {"step": step, "tokens": tokens, "run": run, "data": data_loader.state_dict(), "tp_split": tp_split,
-                    "ranges": ranges, "zero_stage": zero_stage, "save_id": save_id[0], "sha256": tensors_sha256(tensors),
+                    "ranges": ranges, "zero_stage": model.zero_stage, "save_id": save_id[0], "sha256": tensors_sha256(tensors),
                     "layout": {"tp_size": grid.tp_world_size, "cp_size": grid.cp_world_size,
                                "pp_size": grid.pp_world_size, "dp_size": grid.dp_world_size, "shards": shards}}
         problem = attempt(write_durably, checkpoint_file(checkpoint_dir, grid.pp_rank, grid.tp_rank, shard),

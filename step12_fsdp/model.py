@@ -14,8 +14,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from context_parallel import ring_attention
-
 
 def rope_theta(config):
     # transformers >= 5 keeps rope settings in `config.rope_parameters`; older versions in `rope_theta`.
@@ -64,6 +62,13 @@ class RMSNorm(nn.Module):
         return self.weight * x_fp32.to(x.dtype)
 
 
+def causal_attention(q, k, v):
+    """Causal attention over the whole sequence: [batch, heads, seq, head_dim] each -> the same shape.
+    Grouped-query attention: each key/value head serves heads/kv_heads consecutive query heads; enable_gqa lets
+    the kernel share them without materialising repeated copies of k and v."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -75,7 +80,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
-        self.context_parallel = False  # apply_context_parallel turns it on when cp_size > 1
+        self.attend = causal_attention  # over this rank's whole sequence; context_parallel.py puts ring attention here
 
     def forward(self, x, cos, sin):
         batch, seq, _ = x.shape
@@ -85,13 +90,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)  # [batch, kv_heads, seq, head_dim]
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)  # [batch, kv_heads, seq, head_dim]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.context_parallel:
-            # This rank holds only its share of the tokens: the other ranks' keys and values come round the ring.
-            out = ring_attention(q, k, v)  # [batch, heads, seq / cp, head_dim]
-        else:
-            # Grouped-query attention: each key/value head serves heads/kv_heads consecutive query heads.
-            # enable_gqa lets the kernel share them without materialising repeated copies of k and v.
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # [batch, heads, seq, head_dim]
+        out = self.attend(q, k, v)  # [batch, heads, seq, head_dim]
         out = out.transpose(1, 2).reshape(batch, seq, -1)  # [batch, seq, heads * head_dim]
         return self.o_proj(out)
 
@@ -148,7 +147,7 @@ class Llama(nn.Module):
     def forward(self, input_ids, position_ids=None):
         batch, seq = input_ids.shape
         if position_ids is None:
-            if any(layer.self_attn.context_parallel for layer in self.layers):
+            if any(layer.self_attn.attend is not causal_attention for layer in self.layers):
                 # 0..seq-1 would be wrong: this rank holds a zigzag share of every sequence, not its start
                 raise ValueError("position_ids are required under context parallelism: pass the true positions "
                                  "of this rank's tokens (split_batch_for_context_parallel gives them)")

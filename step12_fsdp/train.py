@@ -229,7 +229,7 @@ def main():
 
     init_distributed(device, args.timeout_s)
     check_same_settings(args, config)
-    # Global rank 0 locks --save_dir before any check of it, for as long as save_dir_lock stays open: the process.
+    # Global rank 0 locks --save_dir before any check of it, until save_dir_lock is closed at the end of the run.
     resume_from, save_dir_lock = claim_save_dir(args.save_dir, args.resume, run) if args.save_dir else (None, None)
     setup_process_group_manager(args.tp_size, args.cp_size, args.pp_size, args.dp_size, timeout_s=args.timeout_s)
     grid = pgm.process_group_manager
@@ -289,6 +289,8 @@ def main():
     if progress:
         progress.close()
     close_distributed()
+    if save_dir_lock:
+        save_dir_lock.close()  # the run is over: --save_dir is free for the next one
 
 
 if __name__ == "__main__":

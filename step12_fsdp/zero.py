@@ -110,14 +110,27 @@ def group_into_buckets(params, bucket_size_mb):
     return groups
 
 
+class ZeroStage(NamedTuple):
+    """What a zero stage shards over the dp x cp ranks, named once: stage 1 the optimizer state, stage 2 the
+    gradients too, stage 3 the parameters too."""
+    shards_optimizer_state: bool  # stages 1-3: each rank keeps and updates the AdamW state of its piece only
+    shards_gradients: bool  # stages 2, 3: each micro-batch reduce-scatters, and only the owned piece is kept
+    shards_parameters: bool  # stage 3: each rank keeps its piece of the parameters, a unit gathered to compute
+
+    @classmethod
+    def of(cls, zero_stage):
+        return cls(shards_optimizer_state=zero_stage >= 1, shards_gradients=zero_stage >= 2,
+                   shards_parameters=zero_stage >= 3)
+
+
 class ShardedBucket:
     """Parameters whose values share one flat buffer of the compute dtype, and whose gradients share one flat
     fp32 buffer; both cut into N pieces, one owned by each rank of the dp x cp group. Under ZeRO-3 a bucket is
     one unit (a decoder layer, say), and its parameter buffer has memory only while the unit is gathered."""
 
-    def __init__(self, params, zero_stage, group, device=None):
+    def __init__(self, params, stage, group, device=None):
         self.params = params
-        self.zero_stage = zero_stage
+        self.stage = stage
         self.group = group
         self.num_ranks = dist.get_world_size(group) if group is not None else 1
         rank = dist.get_rank(group) if group is not None else 0
@@ -125,14 +138,14 @@ class ShardedBucket:
         self.padded_numel = -(-numel // self.num_ranks) * self.num_ranks  # a multiple of N
         piece = self.padded_numel // self.num_ranks
         # Stage 0 updates the whole bucket on every rank; stages 1 to 3 only rank i's piece.
-        self.owned = slice(rank * piece, (rank + 1) * piece) if zero_stage > 0 else slice(0, self.padded_numel)
-        self.shards_optimizer_state = zero_stage > 0 and self.num_ranks > 1  # each rank owns its own piece
+        self.owned = slice(rank * piece, (rank + 1) * piece) if stage.shards_optimizer_state else slice(0, self.padded_numel)
+        self.shards_optimizer_state = stage.shards_optimizer_state and self.num_ranks > 1  # each rank owns its own piece
         first = params[0]
         on_meta = first.is_meta  # built on the meta device (train.py): load_parameters gives the values later
         device = first.device if device is None else device
         # ZeRO-3: the rank keeps its piece of the parameters in a tensor of its own, and the full buffer's
         # memory exists only while the unit is gathered (the parameters stay views into it all along).
-        self.shards_params = zero_stage == 3 and self.num_ranks > 1
+        self.shards_params = stage.shards_parameters and self.num_ranks > 1
         # torch.empty: pages never written take no memory (ZeRO-3 frees the buffer before anything writes it)
         self.param_buffer = torch.empty(self.padded_numel, dtype=first.dtype, device=device)
         self.offsets = []  # each parameter's place in the flat buffers
@@ -158,10 +171,10 @@ class ShardedBucket:
         self.master = self.param_shard if self.master_is_param else self.param_shard.float()
         self.grad_buffer = None  # [padded_numel] fp32
         # ZeRO-2/3 keep only the owned piece of the gradient between micro-batches; the others use grad_buffer's.
-        self.grad_shard = torch.zeros_like(self.master) if zero_stage >= 2 else None
+        self.grad_shard = torch.zeros_like(self.master) if stage.shards_gradients else None
         self.num_ready = 0
         self.handle = None
-        if zero_stage < 2:
+        if not stage.shards_gradients:
             self.allocate_grad_buffer()
 
     def gather_parameters(self):
@@ -200,7 +213,7 @@ class ShardedBucket:
         self.num_ready = 0
         if self.num_ranks == 1:
             self.handle = None
-        elif self.zero_stage == 0:
+        elif not self.stage.shards_optimizer_state:
             self.handle = dist.all_reduce(self.grad_buffer, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         else:
             # In place: the sum of rank i's piece over the N ranks lands in rank i's piece of grad_buffer.
@@ -213,7 +226,7 @@ class ShardedBucket:
         if self.handle is not None:
             self.handle.wait()
             self.handle = None
-        if self.zero_stage >= 2 and self.grad_buffer is not None:
+        if self.stage.shards_gradients and self.grad_buffer is not None:
             self.grad_shard += self.grad_buffer[self.owned]
             self.grad_buffer = None  # the full fp32 gradient of the bucket is gone until the next backward
             for param in self.params:
@@ -222,7 +235,7 @@ class ShardedBucket:
     def owned_grad(self):
         """The gradient of the owned piece: summed over the N ranks, averaged once finish_gradient_synchronization
         divided it by N."""
-        return self.grad_shard if self.zero_stage >= 2 else self.grad_buffer[self.owned]
+        return self.grad_shard if self.stage.shards_gradients else self.grad_buffer[self.owned]
 
     def owned_pieces(self):
         """(param, start, end, piece) for every parameter that overlaps the piece this rank owns: [start, end) is the
@@ -236,7 +249,7 @@ class ShardedBucket:
     def reset(self):
         self.num_ready = 0
         self.handle = None
-        if self.zero_stage >= 2:
+        if self.stage.shards_gradients:
             self.grad_shard.zero_()
         else:
             self.grad_buffer.zero_()
@@ -266,13 +279,14 @@ class ZeroDataParallel(nn.Module):
         super().__init__()
         self.module = module
         self.zero_stage = zero_stage
+        self.stage = ZeroStage.of(zero_stage)
         # False during the gradient-accumulation micro-batches of stages 0 and 1: their gradients only accumulate
         # locally. Stages 2 and 3 reduce every micro-batch, so that only the owned piece is kept between them.
         self.require_backward_grad_sync = True
         grid = pgm.process_group_manager
         group = grid.cp_dp_group if grid.cp_dp_world_size > 1 else None
         params = [p for p in module.parameters() if p.requires_grad]
-        if zero_stage == 3:  # a bucket per unit, in forward order
+        if self.stage.shards_parameters:  # a bucket per unit, in forward order
             units = decoder_units(module)
             groups = [list(dict.fromkeys(p for m in unit for p in m.parameters() if p.requires_grad)) for unit in units]
             if sum(len(g) for g in groups) != len(params):
@@ -280,12 +294,12 @@ class ZeroDataParallel(nn.Module):
                                  "head; this model has parameters outside them")
         else:
             groups = group_into_buckets(params[::-1], bucket_size_mb)
-        self.buckets = [ShardedBucket(bucket_params, zero_stage, group, device) for bucket_params in groups]
+        self.buckets = [ShardedBucket(bucket_params, self.stage, group, device) for bucket_params in groups]
         self.in_flight = []  # buckets whose reduction was started and not yet waited for, oldest first
         for bucket in self.buckets:
             for param in bucket.params:
                 param.register_post_accumulate_grad_hook(functools.partial(self._gradient_ready, bucket))
-        if zero_stage in (1, 2) and group is not None:
+        if self.stage.shards_optimizer_state and not self.stage.shards_parameters and group is not None:
             # ZeRO-1/2: ZeroAdamW.step all-gathers the updated parameters without waiting; each module waits for the
             # buckets of its own parameters just before its forward (Megatron's overlapped parameter gather), so
             # the gathers of the later buckets run while the first layers compute.
@@ -294,7 +308,7 @@ class ZeroDataParallel(nn.Module):
                 buckets = {bucket_of[p] for p in submodule.parameters(recurse=False) if p in bucket_of}
                 if buckets:
                     submodule.register_forward_pre_hook(functools.partial(self._wait_for_gathers, list(buckets)))
-        if zero_stage == 3 and group is not None:
+        if self.stage.shards_parameters and group is not None:
             # An embedding alone needs no weight in backward (its weight gradient scatters the output's gradient).
             self.gathered_for_backward = [unit != [getattr(module, "embed_tokens", None)] for unit in units]
             # A tied unit (embedding, norm, head) comes first, and its forward ends last, with the head's.
@@ -364,16 +378,16 @@ class ZeroDataParallel(nn.Module):
             self.buckets[previous].gather_parameters()
 
     def _gradient_ready(self, bucket, param):
-        if self.zero_stage >= 2 and bucket.num_ready == 0:  # the bucket's first gradient of this backward
+        if self.stage.shards_gradients and bucket.num_ready == 0:  # the bucket's first gradient of this backward
             if bucket in self.in_flight:  # still reducing the previous micro-batch's gradients
                 self.in_flight.remove(bucket)
                 bucket.finish_reduction()
             bucket.allocate_grad_buffer()
         param.main_grad.add_(param.grad)
         param.grad = None
-        if (self.require_backward_grad_sync or self.zero_stage >= 2) and bucket.mark_ready():
+        if (self.require_backward_grad_sync or self.stage.shards_gradients) and bucket.mark_ready():
             self.in_flight.append(bucket)
-            if self.zero_stage >= 2 and len(self.in_flight) > MAX_REDUCTIONS_IN_FLIGHT:
+            if self.stage.shards_gradients and len(self.in_flight) > MAX_REDUCTIONS_IN_FLIGHT:
                 self.in_flight.pop(0).finish_reduction()
             if bucket.shards_params:
                 bucket.free_parameters()  # the unit's backward is over: no gradient needs its weights any more
@@ -459,7 +473,7 @@ class ZeroAdamW:
             owned = bucket.param_shard
             if not bucket.master_is_param:
                 owned.copy_(bucket.master)  # fp32 master -> compute dtype
-            if bucket.zero_stage in (1, 2) and bucket.num_ranks > 1:
+            if bucket.shards_optimizer_state and not bucket.shards_params:
                 # In place: rank i's piece is already where it belongs in the gathered buffer. Not waited for here:
                 # the next forward waits for each bucket just before it needs it.
                 bucket.gather_handle = all_gather(bucket.param_buffer, owned, group=bucket.group, async_op=True)

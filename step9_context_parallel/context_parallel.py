@@ -298,7 +298,9 @@ def ring_attention(q, k, v):
 
 
 def apply_context_parallel(model):
-    """Switch every attention layer of a full Llama to ring attention over the cp group; returns it."""
+    """Put ring attention over the cp group into every attention layer of a full Llama (the model imports no
+    parallel technique: this rank holds only its share of the tokens, and the other ranks' keys and values come
+    round the ring); returns it."""
     for layer in model.layers:
-        layer.self_attn.context_parallel = True
+        layer.self_attn.attend = ring_attention  # [batch, heads, seq / cp, head_dim] -> the same shape
     return model

@@ -263,7 +263,7 @@ def ours_memory(model, optimizer, meter):
     buckets = model.buckets
     moments = sum(nbytes(state[key]) for state in optimizer.optimizer.state.values()
                   for key in ("exp_avg", "exp_avg_sq"))
-    sharded = model.zero_stage == 3  # between units: the owned pieces; the whole units are in_flight_bytes
+    sharded = model.stage.shards_parameters  # between units: the owned pieces; the whole units are in_flight_bytes
     return {"param_bytes": sum(nbytes(b.param_shard) if b.shards_params else nbytes(b.param_buffer) for b in buckets),
             "grad_bytes": meter.shards if sharded else meter.peak_grad,
             "in_flight_bytes": meter.peak_in_flight if sharded else None,
