@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from checkpoint import (COMPLETE, SCHEDULE, complete_checkpoints, damage, read_metadata, run_differences,
                         step_folders)
+import process_group_manager as pgm
 from utils import fail, warn
 
 LOCK = ".lock"
@@ -26,7 +27,7 @@ def claim_save_dir(save_dir, resume, run):
     """Lock (global rank 0), check (every rank, the same verdict), sign the lock (rank 0). Returns the checkpoint to
     resume from (None for a fresh run) and the lock, which lasts as long as the returned file stays open: keep it
     for the whole run (None on the other ranks)."""
-    lock = lock_save_dir(save_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+    lock = lock_save_dir(save_dir) if pgm.launch().rank == 0 else None
     resume_from = check_save_dir(save_dir, resume, run)
     if lock is not None:
         sign_lock(lock)
@@ -69,7 +70,7 @@ def check_save_dir(save_dir, resume, run):
         fail(f"--resume: {newest} is from another run; checkpoint vs this run: {'; '.join(differing)}. "
              f"Resume with the checkpoint's settings, or start a fresh run in another --save_dir")
     for name in SCHEDULE:
-        if name in saved["run"] and saved["run"][name] != run[name] and int(os.environ.get("RANK", "0")) == 0:
+        if name in saved["run"] and saved["run"][name] != run[name] and pgm.launch().rank == 0:
             print(f"--{name} {run[name]} replaces the checkpoint's {saved['run'][name]} from here on", flush=True)
     return newest
 

@@ -31,10 +31,10 @@ def fail(message, every_rank=False):
     then only the first rank of each node prints (global rank 0; in a job of several torchrun agents, each
     shows its own node's output, so every node says why), and the others wait a moment so that its line is
     the one torchrun shows. A problem only some ranks see (every_rank=True) is printed by each of them."""
-    rank = int(os.environ.get("RANK", "0"))
+    ranks = pgm.launch()
     if every_rank:
-        print(f"error: [rank {rank}] {message}", file=sys.stderr, flush=True)
-    elif int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"error: [rank {ranks.rank}] {message}", file=sys.stderr, flush=True)
+    elif not ranks.local_rank:
         print(f"error: {message}", file=sys.stderr, flush=True)
     else:
         time.sleep(2)
@@ -42,7 +42,7 @@ def fail(message, every_rank=False):
 
 
 def warn(message):
-    if int(os.environ.get("RANK", "0")) == 0:
+    if pgm.launch().rank == 0:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
@@ -212,7 +212,7 @@ def init_distributed(device, timeout_s):
     fails, so a stalled rank ends the job instead of hanging it forever."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
-    if "RANK" in os.environ:
+    if pgm.launch().by_torchrun:
         dist.init_process_group(backend=backend, timeout=timeout)
     else:
         dist.init_process_group(backend=backend, timeout=timeout, store=dist.HashStore(), rank=0, world_size=1)
@@ -347,7 +347,10 @@ def wandb_mode():
     """WANDB_MODE if set; else 'online' when W&B credentials are configured (WANDB_API_KEY or a netrc
     entry), and 'offline' when not: no login prompt, no network."""
     netrc_path = os.environ.get("NETRC", os.path.expanduser("~/.netrc"))
-    logged_in = os.environ.get("WANDB_API_KEY") or (os.path.exists(netrc_path) and "wandb" in open(netrc_path).read())
+    logged_in = bool(os.environ.get("WANDB_API_KEY"))
+    if not logged_in and os.path.exists(netrc_path):
+        with open(netrc_path) as netrc:
+            logged_in = "wandb" in netrc.read()
     return os.environ.get("WANDB_MODE") or ("online" if logged_in else "offline")
 
 

@@ -28,12 +28,10 @@ import torch.nn.functional as F
 import process_group_manager as pgm
 from model import rotary_cos_sin
 
-VERBOSE = os.environ.get("VERBOSE", "0") == "1"
-TIMELINE_DIR = os.environ.get("PIPELINE_TIMELINE")
 
 
 def log(message):
-    if VERBOSE:
+    if os.environ.get("VERBOSE", "0") == "1":  # read at every call: nothing is read at import
         grid = pgm.process_group_manager
         # One write per line: ranks share the terminal, and print's separate newline write could interleave.
         print(f"[rank {grid.global_rank} | stage {grid.pp_rank}/{grid.pp_world_size}] {message}\n", end="", flush=True)
@@ -46,18 +44,18 @@ def now():
 
 
 def timeline(kind):
-    """Decorator: with PIPELINE_TIMELINE=DIR set, every call appends {"stage", "kind", "start", "end"} to
-    DIR/rank_<global rank>.jsonl. Unset, the function is returned as it is: the schedules pay nothing."""
+    """Decorator: with PIPELINE_TIMELINE=DIR set when a call runs, it appends {"stage", "kind", "start", "end"} to
+    DIR/rank_<global rank>.jsonl. Unset, the call costs one look at the environment."""
     def decorate(function):
-        if not TIMELINE_DIR:
-            return function
-
         def timed(*args, **kwargs):
+            timeline_dir = os.environ.get("PIPELINE_TIMELINE")
+            if not timeline_dir:
+                return function(*args, **kwargs)
             start = now()
             result = function(*args, **kwargs)
             end = now()
             grid = pgm.process_group_manager
-            with open(os.path.join(TIMELINE_DIR, f"rank_{grid.global_rank}.jsonl"), "a") as file:
+            with open(os.path.join(timeline_dir, f"rank_{grid.global_rank}.jsonl"), "a") as file:
                 file.write(json.dumps({"stage": grid.pp_rank, "kind": kind, "start": start, "end": end}) + "\n")
             return result
         return timed

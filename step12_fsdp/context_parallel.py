@@ -41,11 +41,8 @@ import torch.nn.functional as F
 
 import process_group_manager as pgm
 
-VERBOSE = os.environ.get("VERBOSE", "0") == "1"
-
-
 def log(message):
-    if VERBOSE:
+    if os.environ.get("VERBOSE", "0") == "1":  # read at every call: nothing is read at import
         grid = pgm.process_group_manager
         print(f"[rank {grid.global_rank} | cp {grid.cp_rank}/{grid.cp_world_size}] {message}\n", end="", flush=True)
 

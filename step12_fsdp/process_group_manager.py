@@ -12,6 +12,7 @@ group: the dp x cp ranks that hold the same weights and average their gradients.
 """
 import datetime
 import os
+from typing import NamedTuple
 
 import torch.distributed as dist
 
@@ -86,11 +87,32 @@ def node_warning(tp_size, cp_size, ranks_per_node):
     return None
 
 
+class Launch(NamedTuple):
+    """What the launcher (torchrun) tells this process; a plain `python train.py` is rank 0 of 1."""
+    rank: int
+    local_rank: int | None  # None: not set (a process group started another way numbers its ranks itself)
+    world_size: int
+    local_world_size: int | None  # torchrun's --nproc_per_node: the ranks on this node (None: not set)
+    by_torchrun: bool
+
+
+def launch():
+    """The one place that reads RANK, LOCAL_RANK, WORLD_SIZE and LOCAL_WORLD_SIZE."""
+    env = os.environ
+    world_size = int(env.get("WORLD_SIZE", "1"))
+    return Launch(rank=int(env.get("RANK", "0")),
+                  local_rank=int(env["LOCAL_RANK"]) if "LOCAL_RANK" in env else None, world_size=world_size,
+                  local_world_size=int(env["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in env else None,
+                  by_torchrun="RANK" in env)
+
+
 class ProcessGroupManager:
     def __init__(self, tp_size, cp_size, pp_size, dp_size, timeout_s=None):
         self.global_rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        self.local_rank = int(os.environ.get("LOCAL_RANK", self.global_rank))
+        self.local_rank = launch().local_rank
+        if self.local_rank is None:
+            self.local_rank = self.global_rank
         self.dp_rank, self.pp_rank, self.cp_rank, self.tp_rank = grid_coordinates(self.global_rank, tp_size, cp_size,
                                                                                   pp_size)
 

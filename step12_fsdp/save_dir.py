@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from checkpoint import (COMPLETE, SCHEDULE, complete_checkpoints, damage, read_metadata, run_differences,
                         step_folders)
+import process_group_manager as pgm
 from utils import fail, warn
 
 LOCK = ".lock"
@@ -71,7 +72,7 @@ def check_save_dir(save_dir, resume, run):
         fail(f"--resume: {newest} is from another run; checkpoint vs this run: {'; '.join(differing)}. "
              f"Resume with the checkpoint's settings, or start a fresh run in another --save_dir")
     for name in SCHEDULE:
-        if name in saved["run"] and saved["run"][name] != run[name] and int(os.environ.get("RANK", "0")) == 0:
+        if name in saved["run"] and saved["run"][name] != run[name] and pgm.launch().rank == 0:
             print(f"--{name} {run[name]} replaces the checkpoint's {saved['run'][name]} from here on", flush=True)
     return newest
 

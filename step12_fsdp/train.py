@@ -117,7 +117,7 @@ def set_up_process(args):
     os.environ["TOKENIZERS_PARALLELISM"] = args.tokenizers_parallelism
     torch.set_num_threads(args.omp_num_threads)
 
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = pgm.launch().local_rank or 0
     device = resolve_device(args.device, local_rank)
     dtype = resolve_dtype(args.dtype, device)
     return device, dtype
@@ -136,7 +136,7 @@ def check_command_line(args, config, world_size):
         warn(f"--zero_stage {args.zero_stage} with dp_size x cp_size = 1: there is no other rank to shard over, so "
              f"the run is stage 0")
         args.zero_stage = 0
-    ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))  # torchrun's --nproc_per_node
+    ranks_per_node = pgm.launch().local_world_size or world_size  # torchrun's --nproc_per_node
     warning = node_warning(args.tp_size, args.cp_size, ranks_per_node)
     if warning:
         warn(warning)
@@ -223,7 +223,7 @@ def main():
     args = parse_args()
     device, dtype = set_up_process(args)
     config = load_config(args)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = pgm.launch().world_size
     check_command_line(args, config, world_size)
     run = run_settings(args, config)
 
