@@ -344,5 +344,3 @@ def load_checkpoint(checkpoint_dir, model, optimizer, data_loader):
                                   "exp_avg_sq": this_rank_slice(f"exp_avg_sq.{name}", local_name).to(param)}
     data_loader.load_state_dict(metadata["data"])
     return metadata["step"], metadata["tokens"]
-
-

@@ -250,7 +250,8 @@ def save_checkpoint(save_dir, step, tokens, model, optimizer, data_loader, run, 
         # copies: safetensors refuses tensors that share memory (pieces of one flat buffer, the one step counter)
         tensors = {key: t.detach().to("cpu", copy=True) for key, t in tensors.items()}
         metadata = {"step": step, "tokens": tokens, "run": run, "data": data_loader.state_dict(), "tp_split": tp_split,
-                    "ranges": ranges, "zero_stage": model.zero_stage, "save_id": save_id[0], "sha256": tensors_sha256(tensors),
+                    "ranges": ranges, "zero_stage": model.zero_stage, "save_id": save_id[0],
+                    "sha256": tensors_sha256(tensors),
                     "layout": {"tp_size": grid.tp_world_size, "cp_size": grid.cp_world_size,
                                "pp_size": grid.pp_world_size, "dp_size": grid.dp_world_size, "shards": shards}}
         problem = attempt(write_durably, checkpoint_file(checkpoint_dir, grid.pp_rank, grid.tp_rank, shard),
@@ -394,5 +395,3 @@ def load_checkpoint(checkpoint_dir, model, optimizer, data_loader):
                                    exp_avg_sq=flat["exp_avg_sq"][bucket.owned].to(bucket.master), step=step)
     data_loader.load_state_dict(metadata["data"])
     return metadata["step"], metadata["tokens"]
-
-

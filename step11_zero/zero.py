@@ -109,8 +109,9 @@ class ShardedBucket:
         self.padded_numel = -(-numel // self.num_ranks) * self.num_ranks  # a multiple of N
         piece = self.padded_numel // self.num_ranks
         # Stage 0 updates the whole bucket on every rank; stages 1 and 2 only rank i's piece.
-        self.owned = slice(rank * piece, (rank + 1) * piece) if stage.shards_optimizer_state else slice(0, self.padded_numel)
-        self.shards_optimizer_state = stage.shards_optimizer_state and self.num_ranks > 1  # each rank owns its own piece
+        sharded = stage.shards_optimizer_state
+        self.owned = slice(rank * piece, (rank + 1) * piece) if sharded else slice(0, self.padded_numel)
+        self.shards_optimizer_state = sharded and self.num_ranks > 1  # each rank owns its own piece
         first = params[0]
         self.param_buffer = torch.zeros(self.padded_numel, dtype=first.dtype, device=first.device)
         self.offsets = []  # each parameter's place in the flat buffers

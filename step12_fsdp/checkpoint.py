@@ -19,8 +19,8 @@ dp rank 0, cp rank 0 copy writes whole tensors into shard 00, and each file's me
 tensor parallelism split each tensor along. Loading is the same in every layout, and reads only what the rank
 keeps (SavedTensors): a block of a full tensor comes from the pieces, of the tensor shards, that hold its rows
 and columns. So a checkpoint resumes in another layout and another zero stage (resharding), tools/export_hf.py
-turns it into a Hugging Face model with the same reader (every block the whole tensor), and step 10's checkpoints (one `pp00_tp01.safetensors`
-per tensor shard, whole tensors) are read the same way. The data position is saved as sequences consumed
+turns it into a Hugging Face model with the same reader (every block the whole tensor), and step 10's
+checkpoints (one `pp00_tp01.safetensors` per tensor shard, whole tensors) are read the same way. The data position is saved as sequences consumed
 in the epoch, which means the same thing whatever the split of the global batch.
 
 A file is written under a temporary name, fsynced and renamed, and a checkpoint counts only once COMPLETE
@@ -28,9 +28,8 @@ exists, written and fsynced after every file is on the disk: a run killed mid-sa
 power, leaves the previous one usable. Each file's metadata carries the sha256 of its tensors, its step and
 the id of its save; a resume checks them all before training, so bytes changed on the disk, a file from
 another step or another save, or non-finite values are refused by name instead of trained on (each file hashed
-by one rank, the verdicts gathered). Nothing
-after initialisation draws random numbers (no dropout; the data order depends on the seed and the epoch
-only), so a resume is exact without saving any RNG state.
+by one rank, the verdicts gathered). Nothing after initialisation draws random numbers (no dropout; the data
+order depends on the seed and the epoch only), so a resume is exact without saving any RNG state.
 """
 import hashlib
 import json
@@ -238,7 +237,8 @@ def save_checkpoint(save_dir, step, tokens, model, optimizer, data_loader, run, 
         # copies: safetensors refuses tensors that share memory (pieces of one flat buffer, the one step counter)
         tensors = {key: t.detach().to("cpu", copy=True) for key, t in tensors.items()}
         metadata = {"step": step, "tokens": tokens, "run": run, "data": data_loader.state_dict(), "tp_split": tp_split,
-                    "ranges": ranges, "zero_stage": model.zero_stage, "save_id": save_id[0], "sha256": tensors_sha256(tensors),
+                    "ranges": ranges, "zero_stage": model.zero_stage, "save_id": save_id[0],
+                    "sha256": tensors_sha256(tensors),
                     "layout": {"tp_size": grid.tp_world_size, "cp_size": grid.cp_world_size,
                                "pp_size": grid.pp_world_size, "dp_size": grid.dp_world_size, "shards": shards}}
         problem = attempt(write_durably, checkpoint_file(checkpoint_dir, grid.pp_rank, grid.tp_rank, shard),

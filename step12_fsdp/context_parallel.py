@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 import process_group_manager as pgm
 
+
 def log(message):
     if os.environ.get("VERBOSE", "0") == "1":  # read at every call: nothing is read at import
         grid = pgm.process_group_manager

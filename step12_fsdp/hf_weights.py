@@ -49,4 +49,3 @@ class HFWeights:
         if len(part.get_shape()) == 1:
             return part[rows[0]:rows[1]].float().reshape(-1, 1)
         return part[rows[0]:rows[1], cols[0]:cols[1]].float()
-

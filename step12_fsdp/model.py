@@ -80,7 +80,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
-        self.attend = causal_attention  # over this rank's whole sequence; context_parallel.py puts ring attention here
+        self.attend = causal_attention  # context_parallel.py puts ring attention here instead
 
     def forward(self, x, cos, sin):
         batch, seq, _ = x.shape
@@ -188,7 +188,7 @@ def seeded_parameters(config, seed):
             built[prefix] = full
     seen = set()
     for prefix, module in leaves:  # what _init_weights draws over it: the values the model keeps
-        full = built.pop(prefix, None) or copy.deepcopy(module).to_empty(device="cpu")
+        full = built.pop(prefix) if prefix in built else copy.deepcopy(module).to_empty(device="cpu")
         skeleton._init_weights(full)
         for name, meta in module.named_parameters(recurse=False):
             if meta not in seen:  # a tied LM head is the embedding's weight, yielded once

@@ -29,7 +29,6 @@ import process_group_manager as pgm
 from model import rotary_cos_sin
 
 
-
 def log(message):
     if os.environ.get("VERBOSE", "0") == "1":  # read at every call: nothing is read at import
         grid = pgm.process_group_manager

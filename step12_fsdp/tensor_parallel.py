@@ -166,6 +166,7 @@ def tp_sharded_parameters(model):
     layers = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)
     return {module.weight for module in model.modules() if isinstance(module, layers)}
 
+
 def tp_split_of_model(model):
     """Local parameter name -> the dimension tensor_parallel.py split it along (unsplit ones are absent):
     column-parallel layers and the embedding by rows (output features, vocabulary), row-parallel by columns."""

@@ -70,8 +70,8 @@ its output's gradient and reads no weight. A tied LM head is the embedding's wei
 are then one unit, needed at both ends of the forward and the backward, and it stays whole from the embedding's
 forward to its last gradient: three units at most, it and the two layers around the one computing.
 The price is communication, on every micro-batch: two all-gathers of the parameters (forward, backward; one for
-the embedding and the last unit) and the reduce-scatter of the gradients. Per rank, in units of (N-1)/N x Psi bytes: 2 + 2 + 4 = 8 in bf16
-(12 in fp32) per micro-batch, against 8 per optimizer step for data parallelism's all-reduce of the fp32
+the embedding and the last unit) and the reduce-scatter of the gradients. Per rank, in units of (N-1)/N x Psi
+bytes: 2 + 2 + 4 = 8 in bf16 (12 in fp32) per micro-batch, against 8 per optimizer step for data parallelism's all-reduce of the fp32
 gradients. With one micro-batch per step that is the same bytes in bf16; with k micro-batches, k times.
 """
 import functools
@@ -138,16 +138,18 @@ class ShardedBucket:
         self.padded_numel = -(-numel // self.num_ranks) * self.num_ranks  # a multiple of N
         piece = self.padded_numel // self.num_ranks
         # Stage 0 updates the whole bucket on every rank; stages 1 to 3 only rank i's piece.
-        self.owned = slice(rank * piece, (rank + 1) * piece) if stage.shards_optimizer_state else slice(0, self.padded_numel)
-        self.shards_optimizer_state = stage.shards_optimizer_state and self.num_ranks > 1  # each rank owns its own piece
+        sharded = stage.shards_optimizer_state
+        self.owned = slice(rank * piece, (rank + 1) * piece) if sharded else slice(0, self.padded_numel)
+        self.shards_optimizer_state = sharded and self.num_ranks > 1  # each rank owns its own piece
         first = params[0]
         on_meta = first.is_meta  # built on the meta device (train.py): load_parameters gives the values later
         device = first.device if device is None else device
         # ZeRO-3: the rank keeps its piece of the parameters in a tensor of its own, and the full buffer's
         # memory exists only while the unit is gathered (the parameters stay views into it all along).
         self.shards_params = stage.shards_parameters and self.num_ranks > 1
-        # torch.empty: pages never written take no memory (ZeRO-3 frees the buffer before anything writes it)
-        self.param_buffer = torch.empty(self.padded_numel, dtype=first.dtype, device=device)
+        # ZeRO-3 frees the buffer at once: torch.empty, whose pages never written take no memory
+        allocate = torch.empty if self.shards_params else torch.zeros
+        self.param_buffer = allocate(self.padded_numel, dtype=first.dtype, device=device)
         self.offsets = []  # each parameter's place in the flat buffers
         offset = 0
         for param in params:
@@ -159,9 +161,7 @@ class ShardedBucket:
             param.data = view  # .data: a view of the buffer's memory, with a version counter of its own
             self.offsets.append(offset)
             offset += param.numel()
-        self.param_buffer[offset:].zero_()  # the padding
-        if on_meta and not self.shards_params:
-            self.param_buffer[:offset].zero_()
+        self.param_buffer[offset:].zero_()  # the padding (torch.empty's would hold anything)
         self.param_shard = self.param_buffer[self.owned].clone() if self.shards_params else self.param_buffer[self.owned]
         self.gather_handle = None
         if self.shards_params:
@@ -327,7 +327,8 @@ class ZeroDataParallel(nn.Module):
         the elements [start, end) of parameter `name` (as self.module names it; this rank's tp shard, flattened) in
         fp32. exact_master: the master takes read's fp32 values (a checkpoint's); otherwise the parameters' (an
         initialisation: the model in its compute dtype, as every earlier step casts it)."""
-        place = {param: (bucket, offset) for bucket in self.buckets for param, offset in zip(bucket.params, bucket.offsets)}
+        place = {param: (bucket, offset)
+                 for bucket in self.buckets for param, offset in zip(bucket.params, bucket.offsets)}
         with torch.no_grad():
             for name, param in self.module.named_parameters():
                 bucket, offset = place[param]

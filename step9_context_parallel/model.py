@@ -68,7 +68,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
-        self.attend = causal_attention  # over this rank's whole sequence; context_parallel.py puts ring attention here
+        self.attend = causal_attention  # context_parallel.py puts ring attention here instead
 
     def forward(self, x, cos, sin):
         batch, seq, _ = x.shape

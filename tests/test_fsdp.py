@@ -80,7 +80,6 @@ def test_zero_3_takes_the_steps_of_zero_2_bit_for_bit_at_dp_2(runs):
     assert len(stage3.losses) == 20 and stage3.losses == stage2.losses  # identical floats
 
 
-
 # Checkpoints: the layouts of tests/test_checkpoint.py (3 layers, 6 steps, saves at step 3 and 6).
 ZERO3_DP2 = (2, *CHECKPOINT_LAYOUTS["dp2_bucket"][1], "--zero_stage", 3)
 BASELINE_ZERO0 = (1, *CHECKPOINT_LAYOUTS["baseline"][1], "--zero_stage", 0)
