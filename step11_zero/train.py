@@ -28,7 +28,8 @@ from utils import (ArgumentParser, DEFAULT_MODEL, MetricsLogger, average_loss_ac
                    load_config, measure_matmul_flops, non_negative_float, output_file, peak_flops_per_device,
                    peak_memory_gb, peer_failures_end_the_run, positive_float, resolve_device, resolve_dtype,
                    set_all_seed, to_readable_format, warn)
-from zero import ZERO_STAGES, ZeroAdamW, ZeroDataParallel
+from zero import ZERO_STAGES, ZeroDataParallel
+from zero_optimizer import ZeroAdamW
 
 
 def parse_args():

@@ -12,6 +12,9 @@ Trillion Parameter Models").
     optimizer.clip_grad_norm(max_norm=1.0)  # the global norm, from every rank's pieces
     optimizer.step()  # AdamW on the owned fp32 slices, cast into the parameters, all-gather the rest
 
+Three files: this one wraps the model (ZeroDataParallel, the stage's hooks), sharded_bucket.py holds one
+bucket's flat buffers and its collectives, zero_optimizer.py the optimizer (ZeroAdamW).
+
 Mixed precision. The model computes in its own dtype (bf16 on a GPU). Gradients accumulate in fp32 buckets
 (step 6), and the optimizer updates an fp32 *master* copy of the weights with fp32 AdamW moments; after each
 step the master is cast back into the compute parameters. bf16 keeps 8 bits of mantissa: an update smaller
@@ -51,37 +54,12 @@ compute (Megatron's overlapped parameter gather).
 import functools
 from typing import NamedTuple
 
-import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 import process_group_manager as pgm
-from optimizer import decays, sum_of_squares
-from tensor_parallel import tp_sharded_parameters
-
-# torch 2.13 renamed these two collectives (the old names warn); earlier releases have only the old names.
-reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
-all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+from sharded_bucket import MAX_REDUCTIONS_IN_FLIGHT, ShardedBucket, group_into_buckets
 
 ZERO_STAGES = (0, 1, 2)
-# ZeRO-2: a bucket's full fp32 gradient buffer lives while backward fills it and while it is being reduced;
-# at most this many reductions are in flight before the oldest is waited for and its buffer freed.
-MAX_REDUCTIONS_IN_FLIGHT = 2
-
-
-def group_into_buckets(params, bucket_size_mb):
-    """Consecutive runs of params, each at most bucket_size_mb of fp32 gradients (a larger parameter
-    gets a bucket of its own)."""
-    max_numel = int(bucket_size_mb * 2**20) // 4  # fp32 gradients: 4 bytes each
-    groups = [[]]
-    numel = 0
-    for param in params:
-        if groups[-1] and numel + param.numel() > max_numel:
-            groups.append([])
-            numel = 0
-        groups[-1].append(param)
-        numel += param.numel()
-    return groups
 
 
 class ZeroStage(NamedTuple):
@@ -93,106 +71,6 @@ class ZeroStage(NamedTuple):
     @classmethod
     def of(cls, zero_stage):
         return cls(shards_optimizer_state=zero_stage >= 1, shards_gradients=zero_stage >= 2)
-
-
-class ShardedBucket:
-    """Parameters whose values share one flat buffer of the compute dtype, and whose gradients share one flat
-    fp32 buffer; both cut into N pieces, one owned by each rank of the dp x cp group."""
-
-    def __init__(self, params, stage, group):
-        self.params = params
-        self.stage = stage
-        self.group = group
-        self.num_ranks = dist.get_world_size(group) if group is not None else 1
-        rank = dist.get_rank(group) if group is not None else 0
-        numel = sum(p.numel() for p in params)
-        self.padded_numel = -(-numel // self.num_ranks) * self.num_ranks  # a multiple of N
-        piece = self.padded_numel // self.num_ranks
-        # Stage 0 updates the whole bucket on every rank; stages 1 and 2 only rank i's piece.
-        sharded = stage.shards_optimizer_state
-        self.owned = slice(rank * piece, (rank + 1) * piece) if sharded else slice(0, self.padded_numel)
-        self.shards_optimizer_state = sharded and self.num_ranks > 1  # each rank owns its own piece
-        first = params[0]
-        self.param_buffer = torch.zeros(self.padded_numel, dtype=first.dtype, device=first.device)
-        self.offsets = []  # each parameter's place in the flat buffers
-        offset = 0
-        for param in params:
-            self.param_buffer[offset:offset + param.numel()].copy_(param.detach().reshape(-1))
-            param.data = self.param_buffer[offset:offset + param.numel()].view_as(param)
-            self.offsets.append(offset)
-            offset += param.numel()
-        # fp32: the master is the parameter itself; otherwise an fp32 copy of the owned piece.
-        self.master_is_param = first.dtype == torch.float32
-        self.master = self.param_buffer[self.owned] if self.master_is_param else self.param_buffer[self.owned].float()
-        self.gather_handle = None  # the all-gather of the updated parameters, from ZeroAdamW.step to the next forward
-        self.grad_buffer = None  # [padded_numel] fp32
-        # ZeRO-2 keeps only the owned piece of the gradient between micro-batches; the others use grad_buffer's.
-        self.grad_shard = torch.zeros_like(self.master) if stage.shards_gradients else None
-        self.num_ready = 0
-        self.handle = None
-        if not stage.shards_gradients:
-            self.allocate_grad_buffer()
-
-    def finish_gather(self):
-        """Wait for the all-gather of the updated parameters that ZeroAdamW.step started (if it is in flight)."""
-        if self.gather_handle is not None:
-            self.gather_handle.wait()
-            self.gather_handle = None
-
-    def allocate_grad_buffer(self):
-        self.grad_buffer = torch.zeros(self.padded_numel, dtype=torch.float32, device=self.param_buffer.device)
-        for param, offset in zip(self.params, self.offsets):
-            param.main_grad = self.grad_buffer[offset:offset + param.numel()].view_as(param)
-
-    def mark_ready(self):
-        """One more parameter has its final gradient of this backward; the last one starts the reduction.
-        Returns whether it did."""
-        self.num_ready += 1
-        if self.num_ready < len(self.params):
-            return False
-        self.num_ready = 0
-        if self.num_ranks == 1:
-            self.handle = None
-        elif not self.stage.shards_optimizer_state:
-            self.handle = dist.all_reduce(self.grad_buffer, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
-        else:
-            # In place: the sum of rank i's piece over the N ranks lands in rank i's piece of grad_buffer.
-            self.handle = reduce_scatter(self.grad_buffer[self.owned], self.grad_buffer, op=dist.ReduceOp.SUM,
-                                         group=self.group, async_op=True)
-        return True
-
-    def finish_reduction(self):
-        """Wait for the bucket's reduction; at stage 2 add the owned piece to the shard and free the buffer."""
-        if self.handle is not None:
-            self.handle.wait()
-            self.handle = None
-        if self.stage.shards_gradients and self.grad_buffer is not None:
-            self.grad_shard += self.grad_buffer[self.owned]
-            self.grad_buffer = None  # the full fp32 gradient of the bucket is gone until the next backward
-            for param in self.params:
-                param.main_grad = None
-
-    def owned_grad(self):
-        """The gradient of the owned piece: summed over the N ranks, averaged once finish_gradient_synchronization
-        divided it by N."""
-        return self.grad_shard if self.stage.shards_gradients else self.grad_buffer[self.owned]
-
-    def owned_pieces(self):
-        """(param, start, end, piece) for every parameter that overlaps the piece this rank owns: [start, end) is the
-        overlap as a range of the flattened parameter, piece the same elements as a slice of the owned piece (of the
-        master, of an AdamW moment, of the gradient)."""
-        for param, offset in zip(self.params, self.offsets):
-            start, end = max(offset, self.owned.start), min(offset + param.numel(), self.owned.stop)
-            if start < end:
-                yield param, start - offset, end - offset, slice(start - self.owned.start, end - self.owned.start)
-
-    def reset(self):
-        self.num_ready = 0
-        self.handle = None
-        if self.stage.shards_gradients:
-            self.grad_shard.zero_()
-        else:
-            self.grad_buffer.zero_()
 
 
 class ZeroDataParallel(nn.Module):
@@ -270,91 +148,3 @@ class ZeroDataParallel(nn.Module):
         super().zero_grad(set_to_none)
         for bucket in self.buckets:
             bucket.reset()
-
-
-class OwnedPiece(NamedTuple):
-    """The elements of one parameter inside the piece of a bucket that this rank owns."""
-    bucket: ShardedBucket
-    piece: slice  # where they sit in the owned piece
-    master: torch.Tensor  # the fp32 master's view of them: what AdamW updates
-    decays: bool  # a matrix's elements, not a norm weight's
-    counted: bool  # this rank counts them in the global gradient norm (a norm weight: tp rank 0 only)
-
-
-class ZeroAdamW:
-    """torch.optim.AdamW on the fp32 master pieces this rank owns, cut at its parameters' boundaries: a view of the
-    master per parameter that overlaps the owned piece, in the decay group if the parameter is a matrix (AdamW is
-    elementwise, so each view is updated exactly as its parameter's elements would be). clip_grad_norm, before the
-    step, finds the global gradient norm from the owned fp32 gradient pieces and scales them; after the step the
-    master is cast into the compute parameters and, under ZeRO-1/2, every rank's updated piece is all-gathered
-    (waited for by the next forward, bucket by bucket)."""
-
-    def __init__(self, model, lr, weight_decay=0.01):
-        grid = pgm.process_group_manager
-        self.buckets = model.buckets
-        tp_sharded = tp_sharded_parameters(model)
-        self.pieces = [OwnedPiece(bucket, piece, bucket.master[piece], decays=decays(param),
-                                  counted=param in tp_sharded or grid.tp_rank == 0)
-                       for bucket in self.buckets for param, _, _, piece in bucket.owned_pieces()]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": [p.master for p in self.pieces if p.decays], "weight_decay": weight_decay},
-             {"params": [p.master for p in self.pieces if not p.decays], "weight_decay": 0.0}], lr=lr)
-
-    def clip_grad_norm(self, max_norm):
-        """The global L2 norm of the averaged gradients, before clipping, and the clip (max_norm > 0): every owned
-        fp32 gradient piece scaled by max_norm / (norm + 1e-6) if that is below 1, before AdamW sees it. Each element
-        of the model's gradient is counted once: this rank adds the squares of the pieces it owns (padding belongs
-        to none), summed over the dp x cp group (stages 1 to 3: the pieces are disjoint; stage 0: every rank owns
-        all, nothing to add), then over tp (shards; a norm weight is counted by tp rank 0 only) and pp (stages)."""
-        grid = pgm.process_group_manager
-        grads = [piece.bucket.owned_grad()[piece.piece] for piece in self.pieces if piece.counted]
-        squares = sum_of_squares(grads, self.buckets[0].master.device)
-        if self.buckets[0].shards_optimizer_state:
-            dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=grid.cp_dp_group)
-        if grid.tp_world_size > 1:
-            dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=grid.tp_group)
-        if grid.pp_world_size > 1:
-            dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=grid.pp_group)
-        norm = squares.sqrt().float()
-        if max_norm > 0:
-            scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-            for bucket in self.buckets:
-                bucket.owned_grad().mul_(scale)
-        return norm
-
-    def step(self):
-        for piece in self.pieces:
-            piece.master.grad = piece.bucket.owned_grad()[piece.piece]
-        self.optimizer.step()
-        # In the order the next forward needs them: the buckets were made in backward's order (last layer first),
-        # and a group runs its collectives in the order they start, so the embedding's gather goes first.
-        for bucket in reversed(self.buckets):
-            owned = bucket.param_buffer[bucket.owned]
-            if not bucket.master_is_param:
-                owned.copy_(bucket.master)  # fp32 master -> compute dtype
-            if bucket.shards_optimizer_state:
-                # In place: rank i's piece is already where it belongs in the gathered buffer. Not waited for here:
-                # the next forward waits for each bucket just before it needs it.
-                bucket.gather_handle = all_gather(bucket.param_buffer, owned, group=bucket.group, async_op=True)
-        for piece in self.pieces:
-            piece.master.grad = None
-
-    def owned_state(self, bucket):
-        """The AdamW moments of the bucket's owned piece, flat (zeros where no parameter is: the padding), and the
-        step count: what a checkpoint keeps."""
-        flat = {kind: torch.zeros_like(bucket.master) for kind in ("exp_avg", "exp_avg_sq")}
-        step = torch.zeros(())
-        for piece in self.pieces:
-            state = self.optimizer.state.get(piece.master)
-            if piece.bucket is bucket and state:
-                for kind in flat:
-                    flat[kind][piece.piece] = state[kind]
-                step = state["step"]
-        return flat["exp_avg"], flat["exp_avg_sq"], step
-
-    def load_owned_state(self, bucket, exp_avg, exp_avg_sq, step):
-        """The inverse of owned_state: each piece's moments from the flat ones."""
-        for piece in self.pieces:
-            if piece.bucket is bucket:
-                self.optimizer.state[piece.master] = {"step": step.clone(), "exp_avg": exp_avg[piece.piece].clone(),
-                                                      "exp_avg_sq": exp_avg_sq[piece.piece].clone()}

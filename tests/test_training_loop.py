@@ -109,8 +109,8 @@ def test_zero_adamw_takes_torch_adamws_steps_with_the_decay_groups_and_the_clip(
     torch's AdamW with step 3's decay groups and clip_grad_norm_ (to float rounding: the two norms are summed in
     another order: the scale differs in its last bits, which Adam turns into 1e-8 where a gradient is near zero; a
     norm weight that decayed would be off by 1e-3)."""
-    pgm, model_module, optimizer_module, zero = import_step("step11", "process_group_manager", "model", "optimizer",
-                                                            "zero")
+    pgm, model_module, optimizer_module, zero, zero_optimizer = import_step(
+        "step11", "process_group_manager", "model", "optimizer", "zero", "zero_optimizer")
     monkeypatch.setattr(pgm, "process_group_manager", SimpleNamespace(
         cp_dp_world_size=1, cp_dp_group=None, tp_rank=0, tp_world_size=1, pp_world_size=1))
     torch.manual_seed(0)
@@ -120,7 +120,7 @@ def test_zero_adamw_takes_torch_adamws_steps_with_the_decay_groups_and_the_clip(
     reference_optimizer = torch.optim.AdamW(optimizer_module.decay_groups(reference.parameters(), 0.1), lr=1e-2)
     ours = zero.ZeroDataParallel(model, zero_stage=1, bucket_size_mb=0.05)
     assert any(len({p.dim() for p in bucket.params}) == 2 for bucket in ours.buckets)  # mixed buckets
-    ours_optimizer = zero.ZeroAdamW(ours, lr=1e-2, weight_decay=0.1)
+    ours_optimizer = zero_optimizer.ZeroAdamW(ours, lr=1e-2, weight_decay=0.1)
     assert [piece.decays for piece in ours_optimizer.pieces] == [
         param.dim() >= 2 for bucket in ours.buckets for param in bucket.params]
     for step in range(3):

@@ -17,9 +17,10 @@ after each step, and each unit's parameter piece against its padded size. tests/
 JSON.
 """
 import argparse
-import importlib.util
+import importlib
 import json
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import torch
@@ -29,16 +30,37 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "step11_zero"))
 import process_group_manager as pgm  # noqa: E402
+import sharded_bucket  # noqa: E402
 import zero  # noqa: E402
+import zero_optimizer  # noqa: E402
 from model import Llama  # noqa: E402
 from optimizer import decay_groups  # noqa: E402
 from utils import load_config  # noqa: E402
 
 STEPS, GRAD_ACC, SEQ = 3, 2, 16
-# step 12's zero.py beside step 11's (its other modules are the same files as step 11's)
-spec = importlib.util.spec_from_file_location("zero12", ROOT / "step12_fsdp" / "zero.py")
-zero12 = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(zero12)
+ZERO_FILES = ("sharded_bucket", "zero", "zero_optimizer")
+
+
+def step_zero(modules):
+    return SimpleNamespace(ZeroDataParallel=modules["zero"].ZeroDataParallel,
+                           ZeroAdamW=modules["zero_optimizer"].ZeroAdamW,
+                           ShardedBucket=modules["sharded_bucket"].ShardedBucket, ZERO_STAGES=modules["zero"].ZERO_STAGES)
+
+
+def load_step12_zero():
+    """Step 12's ZeRO files beside step 11's (its other modules are step 11's): imported with step 12's folder
+    first on the path, then step 11's modules put back under their names."""
+    step11 = {name: sys.modules.pop(name) for name in ZERO_FILES}
+    sys.path.insert(0, str(ROOT / "step12_fsdp"))
+    try:
+        return step_zero({name: importlib.import_module(name) for name in ZERO_FILES})
+    finally:
+        sys.path.pop(0)
+        sys.modules.update(step11)
+
+
+zero11 = step_zero({"sharded_bucket": sharded_bucket, "zero": zero, "zero_optimizer": zero_optimizer})
+zero12 = load_step12_zero()
 
 
 class ScaledLlama(torch.nn.Module):
@@ -102,8 +124,8 @@ def one_process(config, steps):
 def train(zero_stage, dtype, live_buffers):
     torch.manual_seed(0)  # the same initial weights on every rank
     config = tiny_config(num_hidden_layers=2)
-    model = zero.ZeroDataParallel(ScaledLlama(config).to(dtype), zero_stage=zero_stage, bucket_size_mb=0.5)
-    optimizer = zero.ZeroAdamW(model, lr=1e-3)
+    model = zero11.ZeroDataParallel(ScaledLlama(config).to(dtype), zero_stage=zero_stage, bucket_size_mb=0.5)
+    optimizer = zero11.ZeroAdamW(model, lr=1e-3)
     generator = torch.Generator().manual_seed(1 + dist.get_rank())  # different tokens on every rank
     identical, from_one_process = [], []
     reference = one_process(config, STEPS) if dtype == torch.float32 else None
@@ -129,7 +151,7 @@ def train_fsdp(dtype, tied=False):
     config = tiny_config(num_hidden_layers=4)
     config.tie_word_embeddings = tied
     models = {}
-    for key, module, zero_stage in (("step11_zero2", zero, 2), (2, zero12, 2), (3, zero12, 3)):
+    for key, module, zero_stage in (("step11_zero2", zero11, 2), (2, zero12, 2), (3, zero12, 3)):
         torch.manual_seed(0)
         model = module.ZeroDataParallel(Llama(config).to(dtype), zero_stage=zero_stage, bucket_size_mb=0.5)
         models[key] = model, module.ZeroAdamW(model, lr=1e-3)
@@ -164,28 +186,28 @@ def main():
     dist.init_process_group("gloo")
     pgm.setup_process_group_manager(tp_size=1, cp_size=2, pp_size=1, dp_size=2)
     live_buffers = []
-    allocate = zero.ShardedBucket.allocate_grad_buffer
+    allocate = zero11.ShardedBucket.allocate_grad_buffer
 
     def counting_allocate(bucket):  # how many full fp32 gradient buffers exist while backward allocates one more
         allocate(bucket)
         live_buffers.append(sum(b.grad_buffer is not None for b in buckets_alive))
 
     buckets_alive = []
-    zero.ShardedBucket.allocate_grad_buffer = counting_allocate
+    zero11.ShardedBucket.allocate_grad_buffer = counting_allocate
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
-        for zero_stage in zero.ZERO_STAGES:
+        for zero_stage in zero11.ZERO_STAGES:
             live_buffers.clear()
-            original_init = zero.ShardedBucket.__init__
+            original_init = zero11.ShardedBucket.__init__
 
             def tracking_init(bucket, *args, **kwargs):
                 buckets_alive.append(bucket)
                 original_init(bucket, *args, **kwargs)
 
-            zero.ShardedBucket.__init__ = tracking_init
+            zero11.ShardedBucket.__init__ = tracking_init
             buckets_alive.clear()
             results[f"{str(dtype).split('.')[1]}_zero{zero_stage}"] = train(zero_stage, dtype, live_buffers)
-            zero.ShardedBucket.__init__ = original_init
+            zero11.ShardedBucket.__init__ = original_init
         results[f"{str(dtype).split('.')[1]}_fsdp"] = train_fsdp(dtype)
     results["float32_fsdp_tied"] = train_fsdp(torch.float32, tied=True)
     if dist.get_rank() == 0:

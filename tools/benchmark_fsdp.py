@@ -39,7 +39,8 @@ from benchmark_zero import cpu_name, model_arguments, model_config  # noqa: E402
 import process_group_manager as pgm  # noqa: E402
 from model import Llama  # noqa: E402
 from optimizer import decay_groups  # noqa: E402
-from zero import ZeroAdamW, ZeroDataParallel  # noqa: E402
+from zero import ZeroDataParallel  # noqa: E402
+from zero_optimizer import ZeroAdamW  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tools" / "lib"))
 from measure import free_port  # noqa: E402

@@ -86,10 +86,13 @@ from transformers import LlamaConfig
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "step12_fsdp"))
 import process_group_manager as pgm  # noqa: E402
-import zero  # noqa: E402
+import sharded_bucket  # noqa: E402
+import zero_optimizer  # noqa: E402
 from model import Llama  # noqa: E402
 from optimizer import decay_groups  # noqa: E402
-from zero import MAX_REDUCTIONS_IN_FLIGHT, ShardedBucket, ZeroAdamW, ZeroDataParallel  # noqa: E402
+from sharded_bucket import MAX_REDUCTIONS_IN_FLIGHT, ShardedBucket  # noqa: E402
+from zero import ZeroDataParallel  # noqa: E402
+from zero_optimizer import ZeroAdamW  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tools" / "lib"))
 from measure import free_port  # noqa: E402
@@ -211,10 +214,11 @@ class SentBytes:
             self.total += share * (num_ranks - 1) * nbytes(bound.arguments[buffer]) // num_ranks
             return original(*args, **kwargs)
         setattr(dist, name, wrapped)
-        # zero.py may have bound its own name to the collective at import: rebind that one too
-        for attribute, value in list(vars(zero).items()):
-            if value is original:
-                setattr(zero, attribute, wrapped)
+        # sharded_bucket.py binds its own names to two collectives at import: rebind those too
+        for module in (sharded_bucket, zero_optimizer):
+            for attribute, value in list(vars(module).items()):
+                if value is original:
+                    setattr(module, attribute, wrapped)
 
 
 def build_ours(config, zero_stage, dtype, args):

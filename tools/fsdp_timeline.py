@@ -36,7 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 from benchmark_zero import model_arguments, model_config  # noqa: E402  (puts step12_fsdp on the path)
 import process_group_manager as pgm  # noqa: E402
+import sharded_bucket  # noqa: E402
 import zero  # noqa: E402
+from zero_optimizer import ZeroAdamW  # noqa: E402
 from model import Llama  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tools" / "lib"))
@@ -74,7 +76,7 @@ def record_gathers(events, buckets):
     """Stages 1, 2: (bucket, "gather", seconds) when ZeroAdamW.step starts a bucket's all-gather (the collective is
     called with the bucket's buffer), (bucket, "whole", seconds) when a wait for one ends."""
     bucket_of = {bucket.param_buffer.data_ptr(): bucket for bucket in buckets}
-    original_gather, original_finish = zero.all_gather, zero.ShardedBucket.finish_gather
+    original_gather, original_finish = sharded_bucket.all_gather, zero.ShardedBucket.finish_gather
 
     def gather(output, *args, **kwargs):
         handle = original_gather(output, *args, **kwargs)
@@ -87,7 +89,7 @@ def record_gathers(events, buckets):
         original_finish(bucket)
         if pending:
             events.append((bucket, "whole", time.perf_counter()))
-    zero.all_gather, zero.ShardedBucket.finish_gather = gather, finish_gather
+    sharded_bucket.all_gather, zero.ShardedBucket.finish_gather = gather, finish_gather
 
 
 def gather_worker(rank, port, args, result_dir):
@@ -99,7 +101,7 @@ def gather_worker(rank, port, args, result_dir):
     config = model_config(args)
     torch.manual_seed(0)
     model = zero.ZeroDataParallel(Llama(config), zero_stage=args.zero_stage, bucket_size_mb=args.bucket_size_mb)
-    optimizer = zero.ZeroAdamW(model, lr=1e-3)
+    optimizer = ZeroAdamW(model, lr=1e-3)
     names = {param: name for name, param in model.module.named_parameters()}
     events = []
     record_gathers(events, model.buckets)
@@ -145,7 +147,7 @@ def worker(rank, port, args, result_dir):
     record_events(events)
     torch.manual_seed(0)
     model = zero.ZeroDataParallel(Llama(config), zero_stage=3)
-    optimizer = zero.ZeroAdamW(model, lr=1e-3)
+    optimizer = ZeroAdamW(model, lr=1e-3)
     units = {bucket: index for index, bucket in enumerate(model.buckets)}
     generator = torch.Generator().manual_seed(1 + rank)
     phases = {}
