@@ -192,7 +192,7 @@ def test_the_fp32_master_keeps_updates_that_bf16_weights_round_away(monkeypatch)
     about 1e-4, far below half a bf16 step. Plain bf16 AdamW rounds every update away and the weights never
     move; with the fp32 master they move as an fp32 run's do (the master is that run's weights, bit for bit,
     because the gradient, ones, is exact in bf16), and after 100 steps the bf16 copy follows."""
-    pgm, zero = import_step("step11", "process_group_manager", "zero")
+    pgm, zero, zero_optimizer = import_step("step11", "process_group_manager", "zero", "zero_optimizer")
     monkeypatch.setattr(pgm, "process_group_manager", SimpleNamespace(
         cp_dp_world_size=1, cp_dp_group=None, tp_rank=0, tp_world_size=1, pp_world_size=1))
 
@@ -217,7 +217,7 @@ def test_the_fp32_master_keeps_updates_that_bf16_weights_round_away(monkeypatch)
     assert torch.all(plain.weight == 1.0)  # 100 updates of 1e-4 each, every one rounded away
 
     ours = zero.ZeroDataParallel(linear(torch.bfloat16), zero_stage=0)
-    ours_optimizer = zero.ZeroAdamW(ours, lr=1e-4)
+    ours_optimizer = zero_optimizer.ZeroAdamW(ours, lr=1e-4)
     train(ours.module, ours.zero_grad, lambda: (ours.finish_gradient_synchronization(), ours_optimizer.step()))
     master = ours.buckets[0].master[:64]
     assert torch.equal(master, fp32.weight.detach().reshape(-1))
