@@ -1,17 +1,13 @@
-"""Helpers shared by train.py: the command line's checks, joining the process group, the checks that stop a bad
-run, seeding, device/dtype choice, config loading, errors, formatting, metrics, FLOPs and peak FLOPs (MFU), loss
-averaging."""
-import argparse
+"""What the other files share: one-line errors and warnings, seeding, device/dtype choice, config loading, joining
+the process group (and ending the run when a peer fails), the loss check and its average over the ranks. The command
+line's types are in command_line.py, the metrics and MFU in metrics.py, the settings every rank must share in
+same_run.py."""
 import contextlib
 import datetime
-import functools
-import hashlib
-import json
 import math
 import os
 import random
 import re
-import resource
 import sys
 import time
 
@@ -44,52 +40,6 @@ def fail(message, every_rank=False):
 def warn(message):
     if pgm.launch().rank == 0:
         print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose complaints (an unknown flag, a value of the wrong type or range) are one `error:` line
-    from one rank, like every other check, instead of a usage text from every rank."""
-
-    def error(self, message):
-        fail(f"{message} (see --help)")
-
-
-def integer(minimum):
-    """An argparse type: an integer >= minimum."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
-
-
-def finite_float(zero_allowed):
-    """An argparse type: a finite number > 0, or >= 0 if zero_allowed."""
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (math.isfinite(value) and (value >= 0 if zero_allowed else value > 0)):
-            raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}" if zero_allowed
-                                             else f"must be a positive number, got {text}")
-        return value
-    return parse
-
-
-positive_float = finite_float(zero_allowed=False)
-non_negative_float = finite_float(zero_allowed=True)
-
-
-def output_file(text):
-    """An argparse type: a path a file can be written to (not an existing directory)."""
-    if os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file path")
-    return text
 
 
 def set_all_seed(seed):
@@ -154,58 +104,6 @@ def load_config(args):
     return config
 
 
-# Config keys that name, describe or serve generation, and never enter the math of a training step.
-NOT_MATH = ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "use_cache",
-            "output_hidden_states", "output_attentions", "return_dict", "id2label", "label2id", "problem_type",
-            "chunk_size_feed_forward", "is_encoder_decoder", "pad_token_id", "bos_token_id", "eos_token_id")
-# Flags that say where output goes, or how fast input is prepared: naturally different per node, the same math.
-# (--save_dir is compared by what it is: checkpoint.check_every_rank_sees.)
-OUTPUT_ONLY = ("metrics_file", "run_name", "use_wandb", "num_workers", "num_proc", "omp_num_threads",
-               "tokenizers_parallelism", "timeout_s", "peak_tflops", "save_dir")
-# Flags that name files whose content enters the training: compared by that content.
-BY_CONTENT = ("dataset_name", "init_from_hf")
-# The files that turn text into token ids, in whichever of them a tokenizer comes.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt")
-
-
-@functools.lru_cache(maxsize=None)  # asked by the run's identity and by the settings check
-def tokenizer_fingerprint(model_name):
-    """sha256 of the tokenizer files of --model_name: the same whatever path names the directory (a symlink,
-    another mount point). A hub name's files come from the Hugging Face cache (fetched first if need be, as the
-    data loader would); where they cannot be had, the name stands for them."""
-    directory = model_name
-    if not os.path.isdir(directory):
-        try:
-            from huggingface_hub import snapshot_download
-            directory = snapshot_download(model_name, allow_patterns=list(TOKENIZER_FILES))
-        except Exception:  # offline and not cached, or an unknown name: loading the model says so later
-            return f"name:{model_name}"
-    digest = hashlib.sha256()
-    for name in TOKENIZER_FILES:
-        path = os.path.join(directory, name)
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                digest.update(name.encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
-    return digest.hexdigest()[:16]
-
-
-@functools.lru_cache(maxsize=None)
-def files_fingerprint(path):
-    """sha256 of a local file or directory's files (their paths inside it and their bytes), the same whatever path
-    names it; a hub name stands for its own content, and no path (None) for itself."""
-    if path is None or not os.path.exists(path):
-        return path and f"name:{path}"
-    top = path if os.path.isdir(path) else os.path.dirname(path)
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names)
-    digest = hashlib.sha256()
-    for path in files:
-        with open(path, "rb") as f:
-            digest.update(os.path.relpath(path, top).encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
-    return digest.hexdigest()[:16]
-
-
 def init_distributed(device, timeout_s):
     """Join the job's process group. torchrun says in the environment where the peers are; a plain
     `python train.py` is a job of one process. A collective that waits more than timeout_s seconds for a peer
@@ -232,32 +130,6 @@ def peer_failures_end_the_run():
              every_rank=True)
 
 
-def check_same_settings(args, config):
-    """Every rank must train with the same settings, or the data-parallel copies silently drift apart (two
-    machines started with different --seed, say). A collective at start-up compares what changes the training:
-    every flag but the output-only ones, every config value that enters the model, and the tokenizer and the
-    files that the BY_CONTENT flags name by their content, not by the path that names them (a symlink, another
-    mount point on another node)."""
-    settings = {**{f"--{name}": value for name, value in vars(args).items()
-                   if name not in (*OUTPUT_ONLY, *BY_CONTENT, "model_name")},
-                **{f"config.{name}": value for name, value in config.to_dict().items() if name not in NOT_MATH},
-                "the tokenizer files of --model_name": tokenizer_fingerprint(args.model_name),
-                **{f"the files of --{name}": files_fingerprint(getattr(args, name)) for name in BY_CONTENT}}
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, settings)
-    differences = []
-    for name in settings:
-        ranks_by_value = {}
-        for rank, other in enumerate(everyone):
-            ranks_by_value.setdefault(repr(other.get(name)), []).append(rank)
-        if len(ranks_by_value) > 1:
-            values = ", ".join(f"{value} on ranks {ranks}" for value, ranks in ranks_by_value.items())
-            differences.append(f"{name} {values}")
-    if differences:
-        fail("the ranks were started with different settings (every rank must run the same command): "
-             + "; ".join(differences))
-
-
 def check_loss(loss, step):
     """Stop at the first non-finite loss: every later step would only train on NaN."""
     if not math.isfinite(loss):
@@ -268,121 +140,6 @@ def check_loss(loss, step):
 def close_distributed():
     dist.barrier()  # no rank tears down its connections while a peer still uses them
     dist.destroy_process_group()
-
-
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports kB
-
-
-def flops_per_token(config, seq_len):
-    """Training FLOPs per token of the whole model (not this rank's shard), by the PaLM convention
-    (Chowdhery et al. 2022, appendix B): 6 * N + 12 * L * h * s. N counts the matmul weights (q, k, v, o,
-    gate, up, down of every layer, and the LM head; not the embedding table, a lookup, nor the norms): 2
-    FLOPs per weight and token forward, 4 backward (the input's gradient and the weight's). 12 * L * h * s
-    is attention's two matmuls, q @ k^T and scores @ v: 4 * h * s per token and layer forward, twice that
-    backward, counted as if unmasked (a flash kernel skips the masked half; the convention ignores that)."""
-    h, layers, head_dim = config.hidden_size, config.num_hidden_layers, config.head_dim
-    q_size, kv_size = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    attention = h * q_size + 2 * h * kv_size + q_size * h  # q, k, v, o
-    mlp = 3 * h * config.intermediate_size  # gate, up, down
-    matmul_params = layers * (attention + mlp) + h * config.vocab_size  # + lm_head
-    return 6 * matmul_params + 12 * layers * h * seq_len
-
-
-# Dense peak TFLOPs from the vendors' datasheets: (bf16/fp16 on tensor cores, fp32 without TF32, which is
-# what PyTorch's fp32 matmuls use by default). The first name found in torch.cuda.get_device_name() wins,
-# so the more specific names come first ("H100 PCIe" before "H100", "L40S" before "L4", "A100" before "A10").
-GPU_PEAK_TFLOPS = [
-    ("H100 PCIe", 756, 51), ("H100 NVL", 835, 60), ("H100", 989, 67), ("H200", 989, 67), ("A100", 312, 19.5),
-    ("L40S", 362, 91.6), ("L4", 121, 30.3), ("A10", 125, 31.2), ("RTX 4090", 165, 82.6)]  # A10G: the A10's figures
-
-
-def measure_matmul_flops(device, dtype, rounds=5, seconds=0.1, pause=0.05):
-    """The best FLOPs/s of square matmuls, over `rounds` rounds of about `seconds` each with a pause between them:
-    a practical peak where no datasheet applies. A neighbour busy for a moment slows some rounds, not all of them,
-    and the best is kept. On a CPU it uses this process's torch.get_num_threads() threads, as training does."""
-    size = 4096 if device.type == "cuda" else 1024  # big enough that a GPU's launch overhead is negligible
-    generator = torch.Generator(device).manual_seed(0)  # leaves the training's random stream alone
-    a, b = (torch.randn(size, size, device=device, dtype=dtype, generator=generator) for _ in range(2))
-    torch.mm(a, b)  # warm-up: thread pools, kernel selection
-    best = 0.0
-    for _ in range(rounds):
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            start = time.perf_counter()
-            torch.mm(a, b)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            best = max(best, 2 * size**3 / (time.perf_counter() - start))
-        time.sleep(pause)
-    return best
-
-
-def peak_flops_per_device(device, dtype, peak_tflops=None):
-    """(peak FLOPs/s of one device, where the figure comes from): --peak_tflops if given, else a known GPU's
-    datasheet figure for dtype, else a short matmul measurement (fp32 on a CPU, whose bf16 matmuls are
-    usually slower; the run's dtype on an unknown GPU)."""
-    if peak_tflops:
-        return peak_tflops * 1e12, "--peak_tflops"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for pattern, bf16_tflops, fp32_tflops in GPU_PEAK_TFLOPS:
-            if pattern in name:
-                return (fp32_tflops if dtype == torch.float32 else bf16_tflops) * 1e12, f"{name} datasheet"
-        return measure_matmul_flops(device, dtype), f"measured: {name} {dtype} matmul"
-    return (measure_matmul_flops(device, torch.float32),
-            f"measured: fp32 matmul on {torch.get_num_threads()} CPU thread(s)")
-
-
-def to_readable_format(num, precision=2):
-    for limit, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(num) >= limit:
-            return f"{num / limit:.{precision}f}{suffix}"
-    return f"{num:.{precision}f}"
-
-
-def wandb_mode():
-    """WANDB_MODE if set; else 'online' when W&B credentials are configured (WANDB_API_KEY or a netrc
-    entry), and 'offline' when not: no login prompt, no network."""
-    netrc_path = os.environ.get("NETRC", os.path.expanduser("~/.netrc"))
-    logged_in = bool(os.environ.get("WANDB_API_KEY"))
-    if not logged_in and os.path.exists(netrc_path):
-        with open(netrc_path) as netrc:
-            logged_in = "wandb" in netrc.read()
-    return os.environ.get("WANDB_MODE") or ("online" if logged_in else "offline")
-
-
-class MetricsLogger:
-    """Per-step numbers to a JSON Lines file (--metrics_file) and to Weights & Biases (--use_wandb)."""
-
-    def __init__(self, metrics_file=None, use_wandb=False, run_name=None, config=None):
-        self.file = None
-        if metrics_file:
-            os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
-            self.file = open(metrics_file, "w")
-        self.wandb = None
-        if use_wandb:
-            import wandb
-
-            mode = wandb_mode()
-            if mode == "offline":
-                print("wandb: no credentials found, logging offline (upload later with `wandb sync`)", flush=True)
-            self.wandb = wandb.init(project="picotron_tutorial", name=run_name, config=config, mode=mode)
-
-    def log(self, metrics):
-        if self.file:
-            self.file.write(json.dumps(metrics) + "\n")
-            self.file.flush()
-        if self.wandb:
-            self.wandb.log(metrics, step=metrics["step"])
-
-    def close(self):
-        if self.file:
-            self.file.close()
-        if self.wandb:
-            self.wandb.finish()
 
 
 def average_loss_across_dp_cp_ranks(loss):

@@ -1,6 +1,7 @@
 """Checkpoints of a run split over the 4D grid and sharded by ZeRO: the format, save, resume in the same or
-another layout and zero stage. The guards of --save_dir are in save_dir.py, the import of Hugging Face weights
-in hf_weights.py.
+another layout and zero stage. The guards of --save_dir (and the damage checks) are in save_dir.py, the durable
+writes and checksums in durable.py, the run's identity in same_run.py, the import of Hugging Face weights in
+hf_weights.py.
 
 On disk:
 
@@ -31,7 +32,6 @@ another step or another save, or non-finite values are refused by name instead o
 after initialisation draws random numbers (no dropout; the data order depends on the seed and the epoch
 only), so a resume is exact without saving any RNG state.
 """
-import hashlib
 import json
 import os
 import re
@@ -41,49 +41,15 @@ import shutil
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 import process_group_manager as pgm
+from durable import COMPLETE, fresh_folder, mark_complete, tensors_sha256, write_durably
 from pipeline_parallel import stage_layer_range
 from tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from utils import NOT_MATH, fail, files_fingerprint, tokenizer_fingerprint
+from utils import fail
 
-COMPLETE = "COMPLETE"
-ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "tie_word_embeddings")
-# A resume must match all of these, and every config value that enters the model: otherwise the weights or the
-# data position would mean something else.
-SAME_RUN = ("seq_len", "global_batch_size", "dataset", "seed", "tokenizer", *ARCHITECTURE)
 # What every file's metadata holds, and its run settings; a checkpoint that lacks one is refused, naming it.
 METADATA_KEYS = ("step", "tokens", "run", "data", "tp_split", "layout", "save_id", "sha256")
-# The optimizer's settings: a resume may change them (they apply from its first step on, and it says so).
-SCHEDULE = ("learning_rate", "lr_scheduler_type", "warmup_steps", "max_grad_norm", "weight_decay")
-RUN_KEYS = (*SAME_RUN, "learning_rate", "model_name", "config")
-
-
-def run_settings(args, config):
-    """What identifies this run (SAME_RUN and the config: the dataset and the tokenizer by their content), the
-    optimizer's settings, and what an export needs (config, tokenizer)."""
-    def where(name):  # a local directory by its real path, however it was spelled
-        return os.path.realpath(name) if os.path.isdir(name) else name
-
-    return {"seq_len": args.seq_len, "seed": args.seed, "dataset": files_fingerprint(args.dataset_name),
-            "dataset_name": where(args.dataset_name),
-            "global_batch_size": args.micro_batch_size * args.gradient_accumulation_steps * args.dp_size,
-            "tokenizer": tokenizer_fingerprint(args.model_name), **{name: getattr(config, name) for name in ARCHITECTURE},
-            **{name: getattr(args, name) for name in SCHEDULE}, "model_name": where(args.model_name),
-            "config": config.to_dict()}
-
-
-def run_differences(saved, run):
-    """What differs between a checkpoint's run and this one, as 'name saved vs this' (empty for the same run)."""
-    run = json.loads(json.dumps(run))  # as the checkpoint holds it: tuples as lists
-    differing = [f"{name} {saved[name]!r} vs {run[name]!r}" for name in SAME_RUN if saved[name] != run[name]]
-    config = run["config"]
-    for key in sorted(set(saved["config"]) | set(config)):
-        if key not in NOT_MATH and key not in SAME_RUN and saved["config"].get(key) != config.get(key):
-            differing.append(f"config.{key} {saved['config'].get(key)!r} vs {config.get(key)!r}")
-    return differing
 
 
 def checkpoint_file(checkpoint_dir, pp_rank, tp_rank, shard):
@@ -135,60 +101,6 @@ def first_file(checkpoint_dir):
 def read_metadata(checkpoint_dir):
     with safe_open(first_file(checkpoint_dir), framework="pt") as f:
         return json.loads((f.metadata() or {}).get("json", "{}"))
-
-
-def tensors_sha256(tensors):
-    """sha256 over the tensors' names, dtypes, shapes and bytes, in name order: what a file's metadata vouches for."""
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        tensor = tensors[key].contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{list(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def file_damage(path, step, save_id):
-    """Why one file of the checkpoint of `step` cannot be trusted (None if it can): its metadata lacks a key, it
-    belongs to another step or another save (save_id: the first file's), its bytes no longer match their
-    checksum, or it holds values that are not finite."""
-    with safe_open(path, framework="pt") as f:  # opening checks the header and that the file is as long as it says
-        metadata = json.loads((f.metadata() or {}).get("json", "{}"))
-        missing = [key for key in METADATA_KEYS if key not in metadata]
-        missing += [f"run.{key}" for key in RUN_KEYS if key not in metadata.get("run", {})]
-        if missing:
-            return f"its metadata lacks the key {missing[0]!r}"
-        if metadata["step"] != step:
-            return f"it holds step {metadata['step']}, not {step}"
-        if metadata["save_id"] != save_id:
-            return f"it is from another save of step {step} than the checkpoint's first file"
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    if tensors_sha256(tensors) != metadata["sha256"]:
-        return "its tensors do not match their checksum (bytes changed after the save)"
-    not_finite = [key for key, tensor in tensors.items() if not torch.isfinite(tensor).all()]
-    if not_finite:
-        return f"{not_finite[0]} holds non-finite values (inf or NaN): it was saved so, or changed since"
-    return None
-
-
-def damage(checkpoint_dir):
-    """Why the checkpoint cannot be trusted, naming the file (None if every file of its layout is there, opens,
-    comes from this step and this save, and matches its checksum). Every rank reads every file: the price of
-    reaching the same verdict on every rank without a collective."""
-    path = first_file(checkpoint_dir)
-    try:
-        first = read_metadata(checkpoint_dir)
-        if "layout" not in first:
-            return f"{os.path.basename(path)}: its metadata lacks the key 'layout'"
-        layout = first["layout"]
-        for pp_rank in range(layout["pp_size"]):
-            for tp_rank in range(layout["tp_size"]):
-                for path in checkpoint_files(checkpoint_dir, layout, pp_rank, tp_rank):
-                    problem = file_damage(path, step=folder_step(checkpoint_dir), save_id=first.get("save_id"))
-                    if problem:
-                        return f"{os.path.basename(path)}: {problem}"
-    except Exception as error:  # a missing file, or safetensors' own error for a truncated or garbled one
-        return f"{os.path.basename(path)}: {' '.join(str(error).split())}"
-    return None
 
 
 def global_name(local_name, first_layer):
@@ -286,45 +198,6 @@ def all_succeeded(problem, checkpoint_dir):
         rank, problem = next(iter(failed.items()))
         fail(f"cannot save the checkpoint {checkpoint_dir} (rank {rank}: {problem}): its partial folder was removed, "
              f"the earlier checkpoints are intact")
-
-
-def fsync(path):
-    """Flush a file's bytes, or a folder's entries (the names renamed into it), to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fresh_folder(checkpoint_dir):
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # left behind by a save killed before COMPLETE
-    os.makedirs(checkpoint_dir)
-    fsync(os.path.dirname(checkpoint_dir))
-
-
-def write_durably(path, tensors, metadata):
-    """Write under a temporary name, fsync, rename, fsync the folder: after a crash or a power loss the file is
-    absent or whole, never there with missing bytes."""
-    save_file(tensors, path + ".tmp", metadata={"json": json.dumps(metadata)})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path + ".tmp", 0o666 & ~umask)  # safetensors writes 0600: the mode of every other file instead
-    fsync(path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: a reader sees no file or the whole file
-    fsync(os.path.dirname(path))
-
-
-def mark_complete(checkpoint_dir, step):
-    """Only after every file is on the disk: COMPLETE, itself written durably."""
-    fsync(checkpoint_dir)
-    marker = os.path.join(checkpoint_dir, COMPLETE)
-    with open(marker + ".tmp", "w") as f:
-        f.write(f"{step}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(marker + ".tmp", marker)
-    fsync(checkpoint_dir)
 
 
 def read_full_tensors(checkpoint_dir, wanted):

@@ -13,21 +13,23 @@ import torch
 import torch.nn.functional as F
 
 import process_group_manager as pgm
-from checkpoint import load_checkpoint, run_settings, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
+from command_line import ArgumentParser, integer, non_negative_float, output_file, positive_float
 from context_parallel import apply_context_parallel
 from dataloader import DEFAULT_DATASET, MicroBatchDataLoader
 from hf_weights import load_hf_weights
+from metrics import (MetricsLogger, flops_per_token, measure_matmul_flops, peak_flops_per_device, peak_memory_gb,
+                     to_readable_format)
 from model import Llama
 from optimizer import lr_scheduler, resolve_warmup_steps
 from pipeline_parallel import PipelineParallel, train_step_pipeline_1f1b, train_step_pipeline_afab
 from process_group_manager import node_warning, setup_process_group_manager, validate_layout
+from same_run import check_same_settings, run_settings
 from save_dir import check_every_rank_sees, claim_save_dir
 from tensor_parallel import apply_tensor_parallel
-from utils import (ArgumentParser, DEFAULT_MODEL, MetricsLogger, average_loss_across_dp_cp_ranks, check_loss,
-                   check_same_settings, close_distributed, fail, flops_per_token, init_distributed, integer,
-                   load_config, measure_matmul_flops, non_negative_float, output_file, peak_flops_per_device,
-                   peak_memory_gb, peer_failures_end_the_run, positive_float, resolve_device, resolve_dtype,
-                   set_all_seed, to_readable_format, warn)
+from utils import (DEFAULT_MODEL, average_loss_across_dp_cp_ranks, check_loss, close_distributed, fail,
+                   init_distributed, load_config, peer_failures_end_the_run, resolve_device, resolve_dtype,
+                   set_all_seed, warn)
 from zero import ZERO_STAGES, ZeroDataParallel
 from zero_optimizer import ZeroAdamW
 

@@ -5,19 +5,25 @@
                           token file), every rank checks what is in it (the files of a checkpoint to resume from
                           hashed once in all, by the ranks in turn), rank 0 signs the lock
 
-The checkpoint format they read (complete_checkpoints, damage, read_metadata) is checkpoint.py's.
+The checkpoint format they read (complete_checkpoints, read_metadata) is checkpoint.py's; the damage checks that a
+resume runs first (file_damage, damage) are here, beside the other guards.
 """
 import atexit
 import contextlib
 import fcntl
+import json
 import os
 import secrets
 
+import torch
 import torch.distributed as dist
+from safetensors import safe_open
 
-from checkpoint import (COMPLETE, SCHEDULE, complete_checkpoints, damage, read_metadata, run_differences,
-                        step_folders)
 import process_group_manager as pgm
+from checkpoint import (METADATA_KEYS, checkpoint_files, complete_checkpoints, first_file, folder_step, read_metadata,
+                        step_folders)
+from durable import COMPLETE, tensors_sha256
+from same_run import RUN_KEYS, SCHEDULE, run_differences
 from utils import fail, warn
 
 LOCK = ".lock"
@@ -156,3 +162,56 @@ def sign_lock(lock):
     lock.truncate(0)
     lock.write(f"pid {os.getpid()}\n")
     lock.flush()
+
+
+def file_damage(path, step, save_id):
+    """Why one file of the checkpoint of `step` cannot be trusted (None if it can): its metadata lacks a key, it
+    belongs to another step or another save (save_id: the first file's), its bytes no longer match their
+    checksum, or it holds values that are not finite."""
+    with safe_open(path, framework="pt") as f:  # opening checks the header and that the file is as long as it says
+        metadata = json.loads((f.metadata() or {}).get("json", "{}"))
+        missing = [key for key in METADATA_KEYS if key not in metadata]
+        missing += [f"run.{key}" for key in RUN_KEYS if key not in metadata.get("run", {})]
+        if missing:
+            return f"its metadata lacks the key {missing[0]!r}"
+        if metadata["step"] != step:
+            return f"it holds step {metadata['step']}, not {step}"
+        if metadata["save_id"] != save_id:
+            return f"it is from another save of step {step} than the checkpoint's first file"
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    if tensors_sha256(tensors) != metadata["sha256"]:
+        return "its tensors do not match their checksum (bytes changed after the save)"
+    not_finite = [key for key, tensor in tensors.items() if not torch.isfinite(tensor).all()]
+    if not_finite:
+        return f"{not_finite[0]} holds non-finite values (inf or NaN): it was saved so, or changed since"
+    return None
+
+
+def damage(checkpoint_dir):
+    """Why the checkpoint cannot be trusted, naming the file (None if every file of its layout is there, opens,
+    comes from this step and this save, and matches its checksum). Each file is read and hashed once in the job:
+    by one rank (file i by rank i mod the world size) once the process group is up, by this process alone before.
+    A collective then: the verdicts are gathered, so every rank reaches the same one."""
+    ranks, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    path = first_file(checkpoint_dir)
+    problem = None
+    try:
+        first = read_metadata(checkpoint_dir)
+        if "layout" not in first:
+            problem = f"{os.path.basename(path)}: its metadata lacks the key 'layout'"
+        else:
+            layout = first["layout"]
+            paths = [path for pp_rank in range(layout["pp_size"]) for tp_rank in range(layout["tp_size"])
+                     for path in checkpoint_files(checkpoint_dir, layout, pp_rank, tp_rank)]
+            for path in paths[rank::ranks]:
+                problem = file_damage(path, step=folder_step(checkpoint_dir), save_id=first.get("save_id"))
+                if problem:
+                    problem = f"{os.path.basename(path)}: {problem}"
+                    break
+    except Exception as error:  # a missing file, or safetensors' own error for a truncated or garbled one
+        problem = f"{os.path.basename(path)}: {' '.join(str(error).split())}"
+    if ranks > 1:
+        problems = [None] * ranks
+        dist.all_gather_object(problems, problem)
+        problem = next((problem for problem in problems if problem), None)
+    return problem

@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "step12_fsdp"))
-from checkpoint import complete_checkpoints, damage, read_full_tensors, read_metadata  # noqa: E402
+from checkpoint import complete_checkpoints, read_full_tensors, read_metadata  # noqa: E402
+from save_dir import damage  # noqa: E402
 from utils import fail  # noqa: E402
 
 

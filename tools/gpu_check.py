@@ -16,6 +16,7 @@ Checks 1 and 2 decide the exit status; the goals of 3 are reported, not enforced
 """
 import argparse
 import datetime
+import importlib
 import json
 import re
 import statistics
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -81,11 +83,15 @@ def run_step(number, args, workdir):
 
 
 def import_step(number):
-    """model and utils of one step folder (each step imports its siblings as top-level modules)."""
+    """model and utils of one step folder (each step imports its siblings as top-level modules); from step 10 on
+    the metrics (FLOPs, peak, formatting) are in metrics.py, before it in utils.py."""
     sys.path.insert(0, str(STEP_FOLDERS[number]))
     import model
     import utils
-    return model, utils
+    metrics = importlib.import_module("metrics") if (STEP_FOLDERS[number] / "metrics.py").exists() else utils
+    return model, SimpleNamespace(load_config=utils.load_config, flops_per_token=metrics.flops_per_token,
+                                  peak_flops_per_device=metrics.peak_flops_per_device,
+                                  to_readable_format=metrics.to_readable_format)
 
 
 def check_logits(model_module, utils, device):
