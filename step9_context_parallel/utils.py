@@ -4,8 +4,6 @@ averaging."""
 import argparse
 import contextlib
 import datetime
-import functools
-import hashlib
 import json
 import math
 import os
@@ -161,48 +159,6 @@ NOT_MATH = ("_name_or_path", "transformers_version", "architectures", "dtype", "
 # Flags that say where output goes, or how fast input is prepared: naturally different per node, the same math.
 OUTPUT_ONLY = ("metrics_file", "run_name", "use_wandb", "num_workers", "num_proc", "omp_num_threads",
                "tokenizers_parallelism", "timeout_s", "peak_tflops")
-# Flags that name files whose content enters the training: compared by that content.
-BY_CONTENT = ("dataset_name",)
-# The files that turn text into token ids, in whichever of them a tokenizer comes.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt")
-
-
-@functools.lru_cache(maxsize=None)  # asked by the run's identity and by the settings check
-def tokenizer_fingerprint(model_name):
-    """sha256 of the tokenizer files of --model_name: the same whatever path names the directory (a symlink,
-    another mount point). A hub name's files come from the Hugging Face cache (fetched first if need be, as the
-    data loader would); where they cannot be had, the name stands for them."""
-    directory = model_name
-    if not os.path.isdir(directory):
-        try:
-            from huggingface_hub import snapshot_download
-            directory = snapshot_download(model_name, allow_patterns=list(TOKENIZER_FILES))
-        except Exception:  # offline and not cached, or an unknown name: loading the model says so later
-            return f"name:{model_name}"
-    digest = hashlib.sha256()
-    for name in TOKENIZER_FILES:
-        path = os.path.join(directory, name)
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                digest.update(name.encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
-    return digest.hexdigest()[:16]
-
-
-@functools.lru_cache(maxsize=None)
-def files_fingerprint(path):
-    """sha256 of a local file or directory's files (their paths inside it and their bytes), the same whatever path
-    names it; a hub name stands for its own content, and no path (None) for itself."""
-    if path is None or not os.path.exists(path):
-        return path and f"name:{path}"
-    top = path if os.path.isdir(path) else os.path.dirname(path)
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names)
-    digest = hashlib.sha256()
-    for path in files:
-        with open(path, "rb") as f:
-            digest.update(os.path.relpath(path, top).encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
-    return digest.hexdigest()[:16]
 
 
 def init_distributed(device, timeout_s):
@@ -234,14 +190,12 @@ def peer_failures_end_the_run():
 def check_same_settings(args, config):
     """Every rank must train with the same settings, or the data-parallel copies silently drift apart (two
     machines started with different --seed, say). A collective at start-up compares what changes the training:
-    every flag but the output-only ones, every config value that enters the model, and the tokenizer and the
-    files that the BY_CONTENT flags name by their content, not by the path that names them (a symlink, another
-    mount point on another node)."""
+    every flag but the output-only ones, and the model by every config value that enters it, not by the path
+    that names it (a symlink, another mount point on another node). The dataset's path is not compared either:
+    step 10, where a run's identity matters, compares the tokenizer and the dataset by their content."""
     settings = {**{f"--{name}": value for name, value in vars(args).items()
-                   if name not in (*OUTPUT_ONLY, *BY_CONTENT, "model_name")},
-                **{f"config.{name}": value for name, value in config.to_dict().items() if name not in NOT_MATH},
-                "the tokenizer files of --model_name": tokenizer_fingerprint(args.model_name),
-                **{f"the files of --{name}": files_fingerprint(getattr(args, name)) for name in BY_CONTENT}}
+                   if name not in (*OUTPUT_ONLY, "model_name", "dataset_name")},
+                **{f"config.{name}": value for name, value in config.to_dict().items() if name not in NOT_MATH}}
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, settings)
     differences = []
