@@ -245,26 +245,26 @@ def load_checkpoint(checkpoint_dir, model, optimizer, data_loader):
     full = read_full_tensors(checkpoint_dir, lambda key: key.split(".", 1)[1] in needed)
     model_tp_split = tp_split_of_model(model)
 
-    def this_rank_slice(key, local_name):
-        # the same contiguous block that tensor_parallel.local_range keeps: [..., size, ...] -> [..., size / tp, ...]
-        tensor = full[key]
-        if local_name in model_tp_split:
-            tensor = tensor.chunk(grid.tp_world_size, dim=model_tp_split[local_name])[grid.tp_rank]
-        return tensor.contiguous()
+    def reader(kind):
+        def read(local_name, start, end):
+            # this rank's tensor shard, the same contiguous block that tensor_parallel.local_range keeps, flattened
+            tensor = full[f"{kind}.{names[local_name]}"]
+            if local_name in model_tp_split:
+                tensor = tensor.chunk(grid.tp_world_size, dim=model_tp_split[local_name])[grid.tp_rank]
+            return tensor.contiguous().view(-1)[start:end]
+        return read
 
+    model.load_parameters(reader("model"))  # every parameter, in the compute dtype, and the owned fp32 master
+    moments = {kind: reader(kind) for kind in ("exp_avg", "exp_avg_sq")}
     local_names = {param: local_name for local_name, param in model.named_parameters()}
     for bucket in model.buckets:
-        # Each bucket's flat fp32 master and moments, then the piece this rank owns.
-        flat = {kind: torch.zeros(bucket.padded_numel) for kind in ("model", "exp_avg", "exp_avg_sq")}
-        for param, offset in zip(bucket.params, bucket.offsets):
-            name = names[local_names[param]]
-            for kind in flat:
-                flat[kind][offset:offset + param.numel()] = this_rank_slice(f"{kind}.{name}", local_names[param]).view(-1)
-            step = full[f"step.{name}"]  # a float32 CPU scalar, as AdamW keeps it; the same for every tensor
-        with torch.no_grad():
-            bucket.param_buffer.copy_(flat["model"])  # every parameter, in the compute dtype
-            bucket.master.copy_(flat["model"][bucket.owned])
-        optimizer.load_owned_state(bucket, exp_avg=flat["exp_avg"][bucket.owned].to(bucket.master),
-                                   exp_avg_sq=flat["exp_avg_sq"][bucket.owned].to(bucket.master), step=step)
+        flat = {kind: torch.zeros_like(bucket.master) for kind in moments}  # the owned piece's, padding zeros
+        step = None
+        for param, start, end, piece in bucket.owned_pieces():
+            for kind, read in moments.items():
+                flat[kind][piece] = read(local_names[param], start, end)
+            step = full[f"step.{names[local_names[param]]}"]  # a float32 CPU scalar, as AdamW keeps it
+        if step is not None:
+            optimizer.load_owned_state(bucket, exp_avg=flat["exp_avg"], exp_avg_sq=flat["exp_avg_sq"], step=step)
     data_loader.load_state_dict(metadata["data"])
     return metadata["step"], metadata["tokens"]

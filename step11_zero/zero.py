@@ -54,6 +54,7 @@ compute (Megatron's overlapped parameter gather).
 import functools
 from typing import NamedTuple
 
+import torch
 import torch.nn as nn
 
 import process_group_manager as pgm
@@ -106,6 +107,22 @@ class ZeroDataParallel(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+    def load_parameters(self, read):
+        """A checkpoint's fp32 values into every parameter (its tp shard, cast to the compute dtype) and into the fp32
+        master of the owned piece. read(name, start, end) gives the elements [start, end) of parameter `name` (as
+        this wrapper names it; this rank's tp shard, flattened) in fp32."""
+        place = {param: (bucket, offset)
+                 for bucket in self.buckets for param, offset in zip(bucket.params, bucket.offsets)}
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                bucket, offset = place[param]
+                values = read(name, 0, param.numel())
+                bucket.param_buffer[offset:offset + param.numel()].copy_(values)
+                owned = bucket.owned
+                first, last = max(offset, owned.start), min(offset + param.numel(), owned.stop)  # the owned part
+                if first < last:
+                    bucket.master[first - owned.start:last - owned.start].copy_(values[first - offset:last - offset])
 
     def _wait_for_gathers(self, buckets, module, args):
         for bucket in buckets:
