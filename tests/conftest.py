@@ -1,16 +1,21 @@
-"""Shared helpers: import a step's modules in-process, and launch a step's train.py with torchrun.
+"""Shared helpers: import a step's modules in-process, launch a step's train.py with torchrun, several launches at
+once, and a small corpus to train on.
 
 Launches are the slow part of the suite (~10 s of start-up each on 2 cores), so runs are cached
-per test session by their exact command line: tests that need the same run share one launch.
+per test session by their exact command line: tests that need the same run share one launch; and a module
+starts its launches together, two at a time (`concurrently`, `torchrun.many`).
 """
+import gzip
 import importlib
 import itertools
 import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # The suite never touches the Hugging Face hub: the embedded assets are the defaults.
@@ -97,6 +102,14 @@ def flag_set(args):
     return tuple(sorted(pairs, key=str))
 
 
+def concurrently(function, items, workers=2):
+    """[function(item) for item in items], `workers` calls at a time (started in this order). Each call waits on child
+    processes, so threads suffice; two at a time suits two cores: a launch is mostly interpreter start-up, which
+    overlaps well."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(function, items))
+
+
 class Launcher:
     def __init__(self, tmp_root):
         self.tmp_root = tmp_root
@@ -123,12 +136,37 @@ class Launcher:
         self.cache[key] = run
         return run
 
+    def many(self, launches, workers=2, **options):
+        """{name: (step, nproc, *train_args)} -> {name: Run}, `workers` launches at a time; options (timeout, cached,
+        ...) as for one launch."""
+        runs = concurrently(lambda launch: self(*launch, **options), launches.values(), workers)
+        return dict(zip(launches, runs))
+
 
 @pytest.fixture(scope="session")
 def torchrun(tmp_path_factory):
     """torchrun(step, nproc, *train_args) -> Run with .returncode, .stdout, .stderr, .metrics, .losses;
-    torchrun(step, 1, *train_args, plain=True) runs `python train.py` instead."""
+    torchrun(step, 1, *train_args, plain=True) runs `python train.py` instead; torchrun.many({name: (step, nproc,
+    *train_args)}) -> {name: Run}, launched two at a time."""
     return Launcher(tmp_path_factory.mktemp("runs"))
+
+
+def write_corpus(folder, texts):
+    """A dataset folder as --dataset_name takes it: train.jsonl.gz, one story per text."""
+    with gzip.open(folder / "train.jsonl.gz", "wt") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+    """40 stories of 30 words (42 chunks of 33 tokens): small enough that an epoch ends after a few batches; with
+    global batches of 4 an epoch is 10 steps."""
+    rng = np.random.default_rng(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "park", "happy", "red", "ball"]
+    return write_corpus(tmp_path_factory.mktemp("small_corpus"), [" ".join(rng.choice(words, size=30))
+                                                                  for _ in range(40)])
 
 
 def max_abs_diff(a, b):
@@ -150,10 +188,10 @@ GRAD_NORM_STEP_1, GRAD_NORM_EVERY_STEP = 1e-5, 1e-4
 
 
 def assert_parity(run, reference, steps):
-    """The parity contract (DESIGN.md): both runs finished, `steps` steps each, the reference learned (so
-    agreeing is not trivial), |dloss| <= 1e-5 at step 1 and <= 1e-4 at every step; and the training loop: both
-    ran TRAINING_LOOP, whose clipping engaged at every step of the reference, with the same learning rate at every
-    step and the same global gradient norm (GRAD_NORM_STEP_1, GRAD_NORM_EVERY_STEP)."""
+    """The parity contract, as the top of README.md states it: both runs finished, `steps` steps each, the reference
+    learned (so agreeing is not trivial), |dloss| <= 1e-5 at step 1 and <= 1e-4 at every step; and the training
+    loop: both ran TRAINING_LOOP, whose clipping engaged at every step of the reference, with the same learning rate
+    at every step and the same global gradient norm (GRAD_NORM_STEP_1, GRAD_NORM_EVERY_STEP)."""
     assert reference.returncode == 0, reference
     assert run.returncode == 0, run
     assert len(reference.losses) == len(run.losses) == steps

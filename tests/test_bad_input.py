@@ -1,17 +1,15 @@
-"""Bad input stops every rank promptly with one line naming the offending values (DESIGN.md), and a plain
+"""Bad input stops every rank promptly with one line naming the offending values, and a plain
 `python train.py` (no torchrun) trains as one process."""
 import argparse
-import gzip
 import json
 import re
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import transformers
 
-from conftest import ROOT, import_step
+from conftest import ROOT, concurrently, import_step, write_corpus
 
 STEPS = [f"step{n}" for n in range(1, 13)]
 
@@ -68,15 +66,6 @@ PLAIN_CASES = {
 
 
 @pytest.fixture(scope="module")
-def tiny_corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_corpus")
-    with gzip.open(folder / "train.jsonl.gz", "wt") as f:
-        for i in range(5):
-            f.write(json.dumps({"text": f"story number {i} is short."}) + "\n")
-    return folder
-
-
-@pytest.fixture(scope="module")
 def broken_inputs(tmp_path_factory):
     """{dir}, {data} and {model} of PLAIN_CASES."""
     root = tmp_path_factory.mktemp("broken")
@@ -93,7 +82,8 @@ def broken_inputs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def outcomes(torchrun, tiny_corpus, broken_inputs):
+def outcomes(torchrun, tmp_path_factory, broken_inputs):
+    tiny_corpus = write_corpus(tmp_path_factory.mktemp("tiny_corpus"), [f"story number {i} is short." for i in range(5)])
     cases = {name: (step, nproc, args, words, False) for name, (step, nproc, args, words) in CASES.items()}
     cases["dataset_too_small"] = ("step5", 2, ["--dataset_name", tiny_corpus, "--dp_size", 2, "--seq_len", 8,
                                                "--micro_batch_size", 4, "--gradient_accumulation_steps", 2],
@@ -111,8 +101,7 @@ def outcomes(torchrun, tiny_corpus, broken_inputs):
         return name, (run, time.time() - start, words)
 
     # Two launches at a time: each is mostly interpreter start-up, so they overlap well on two cores.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(pool.map(launch, cases.items()))
+    return dict(concurrently(launch, cases.items()))
 
 
 @pytest.mark.parametrize("name", [*CASES, "dataset_too_small", *PLAIN_CASES])

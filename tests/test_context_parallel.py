@@ -1,7 +1,6 @@
 """Context parallelism (step9): ring attention against full causal attention, the load balance of the zigzag
 split, per-step parity with the single-process step3 baseline in cp layouts up to 4D, step9 with cp 1
 equal to step8, the grid with a cp axis, and bad layouts."""
-import gzip
 import json
 import math
 import os
@@ -9,15 +8,13 @@ import re
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from unittest import mock
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TRAINING_LOOP, assert_parity, import_step, run_env
+from conftest import ROOT, TRAINING_LOOP, assert_parity, concurrently, import_step, run_env
 
 # The same global batch of 4 sequences as the 3D test in test_pipeline_parallel.py (so the step3 baseline
 # and the step8 run are shared with it through the run cache): micro_batch_size x grad_acc x dp_size = 4.
@@ -48,8 +45,7 @@ def runs(torchrun):
         with mock.patch.dict(os.environ, {"VERBOSE": "1" if name == "cp2" else "0"}):
             return name, torchrun(step, nproc, *COMMON, *args)
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(pool.map(launch, launches.items()))
+    return dict(concurrently(launch, launches.items()))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -246,24 +242,12 @@ def test_without_position_ids_a_context_parallel_model_refuses_to_guess():
         model(input_ids)
 
 
-@pytest.fixture(scope="module")
-def small_corpus(tmp_path_factory):
-    """42 chunks of 33 tokens: with global batches of 4 an epoch is 10 steps."""
-    folder = tmp_path_factory.mktemp("small_corpus")
-    rng = np.random.default_rng(0)
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "park", "happy", "red", "ball"]
-    with gzip.open(folder / "train.jsonl.gz", "wt") as f:
-        for _ in range(40):
-            f.write(json.dumps({"text": " ".join(rng.choice(words, size=30))}) + "\n")
-    return folder
-
-
 def test_cp_with_spawned_dataloader_workers_equals_no_workers(torchrun, tmp_path_factory, small_corpus):
-    """cp 2 with --num_workers 1, the worker started by spawn (macOS's default; forced here by a
-    sitecustomize.py on PYTHONPATH, which also records every interpreter start). A spawned worker has no
-    process grid, so the cp split must happen in the training process. 12 steps cross the epoch end, and the
-    worker carries on across it (the sampler never ends: no new iterator, no new worker); the losses equal
-    those of --num_workers 0."""
+    """cp 2 on small_corpus (an epoch of 10 steps) with --num_workers 1, the worker started by spawn (macOS's
+    default; forced here by a sitecustomize.py on PYTHONPATH, which also records every interpreter start). A
+    spawned worker has no process grid, so the cp split must happen in the training process. 12 steps cross the
+    epoch end, and the worker carries on across it (the sampler never ends: no new iterator, no new worker); the
+    losses equal those of --num_workers 0."""
     site = tmp_path_factory.mktemp("spawn")
     starts = site / "starts.txt"
     (site / "sitecustomize.py").write_text(
@@ -274,9 +258,10 @@ def test_cp_with_spawned_dataloader_workers_equals_no_workers(torchrun, tmp_path
     args = ["--cp_size", 2, "--seq_len", 32, "--micro_batch_size", 2, "--gradient_accumulation_steps", 2,
             "--max_tokens", 12 * 4 * 32, "--dataset_name", small_corpus]
     python_path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
-    with mock.patch.dict(os.environ, {"PYTHONPATH": python_path}), ThreadPoolExecutor(max_workers=2) as pool:
-        spawned, no_workers = pool.map(lambda workers: torchrun("step9", 2, *args, "--num_workers", workers,
-                                                                cached=False), [1, 0])
+    with mock.patch.dict(os.environ, {"PYTHONPATH": python_path}):
+        runs = torchrun.many({workers: ("step9", 2, *args, "--num_workers", workers) for workers in (1, 0)},
+                             cached=False)
+    spawned, no_workers = runs[1], runs[0]
     assert spawned.returncode == 0, spawned
     assert "starting epoch 1" in spawned.stdout
     # 2 ranks x 1 worker, each a fresh interpreter, for both epochs

@@ -6,7 +6,6 @@ import os
 import re
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -113,10 +112,9 @@ def test_cpu_peak_is_a_short_matmul_measurement():
 @pytest.fixture(scope="module")
 def runs(torchrun):
     """The fp32 baseline and the bf16 layouts, two launches at a time (start-up overlaps well)."""
-    launches = {"fp32": ("step3", 1, FP32_BASELINE)}
-    launches.update({step: (step, nproc, [*BF16, *layout]) for step, (nproc, layout) in BF16_LAYOUTS.items()})
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        result = dict(zip(launches, pool.map(lambda item: torchrun(item[0], item[1], *item[2]), launches.values())))
+    launches = {"fp32": ("step3", 1, *FP32_BASELINE)}
+    launches.update({step: (step, nproc, *BF16, *layout) for step, (nproc, layout) in BF16_LAYOUTS.items()})
+    result = torchrun.many(launches)
     for run in result.values():
         assert run.returncode == 0, run
     return result

@@ -1,7 +1,5 @@
 """The dataloader: chunk shapes, shifted targets, data-parallel shares of the global batch, epochs, the same
 global batches in every split of it across epochs, and a resume that starts at its position directly."""
-import gzip
-import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,18 +16,6 @@ def make_loader(monkeypatch, dp_size, dp_rank, dataset, micro_batch_size, grad_a
     grid = SimpleNamespace(dp_world_size=dp_size, dp_rank=dp_rank, global_rank=dp_rank, cp_world_size=1, cp_rank=0)
     monkeypatch.setattr(pgm, "process_group_manager", grid)
     return dataloader.MicroBatchDataLoader(micro_batch_size, seq_len, str(dataset), TOKENIZER, grad_acc_steps, seed=7)
-
-
-@pytest.fixture(scope="module")
-def small_dataset(tmp_path_factory):
-    """A corpus small enough that an epoch ends after a few batches."""
-    folder = tmp_path_factory.mktemp("small_corpus")
-    rng = np.random.default_rng(0)
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "park", "happy", "red", "ball"]
-    with gzip.open(folder / "train.jsonl.gz", "wt") as f:
-        for _ in range(40):
-            f.write(json.dumps({"text": " ".join(rng.choice(words, size=30))}) + "\n")
-    return folder
 
 
 def global_batches(loaders, num_micro_batches):
@@ -60,10 +46,10 @@ def test_chunks_targets_positions(monkeypatch):
 
 
 @pytest.mark.parametrize("dp_size,micro_batch_size", [(2, 1), (2, 2), (4, 1)])
-def test_dp_ranks_get_disjoint_shares_of_the_same_global_batch(monkeypatch, small_dataset, dp_size, micro_batch_size):
+def test_dp_ranks_get_disjoint_shares_of_the_same_global_batch(monkeypatch, small_corpus, dp_size, micro_batch_size):
     grad_acc = 2
-    baseline = make_loader(monkeypatch, 1, 0, small_dataset, micro_batch_size * dp_size, grad_acc)
-    sharded = [make_loader(monkeypatch, dp_size, rank, small_dataset, micro_batch_size, grad_acc)
+    baseline = make_loader(monkeypatch, 1, 0, small_corpus, micro_batch_size * dp_size, grad_acc)
+    sharded = [make_loader(monkeypatch, dp_size, rank, small_corpus, micro_batch_size, grad_acc)
                for rank in range(dp_size)]
     assert baseline.global_batch_size == sharded[0].global_batch_size == micro_batch_size * dp_size * grad_acc
     for _ in range(3):  # three optimizer steps
@@ -75,8 +61,8 @@ def test_dp_ranks_get_disjoint_shares_of_the_same_global_batch(monkeypatch, smal
         assert sorted(share_rows) == base_rows  # together they are the single-process global batch
 
 
-def test_new_epoch_instead_of_stop_iteration(monkeypatch, small_dataset, capsys):
-    loader = make_loader(monkeypatch, 1, 0, small_dataset, micro_batch_size=4, grad_acc_steps=1)
+def test_new_epoch_instead_of_stop_iteration(monkeypatch, small_corpus, capsys):
+    loader = make_loader(monkeypatch, 1, 0, small_corpus, micro_batch_size=4, grad_acc_steps=1)
     per_epoch = len(loader.tokenized_dataset) // 4
     assert 2 <= per_epoch <= 40  # small enough to reach the next epoch quickly
     first_epoch = [rows(next(loader)["input_ids"]) for _ in range(per_epoch)]
@@ -93,9 +79,9 @@ def test_new_epoch_instead_of_stop_iteration(monkeypatch, small_dataset, capsys)
     assert first_epoch != second_epoch
 
 
-def test_dataset_smaller_than_a_global_batch_is_refused(monkeypatch, small_dataset, capsys):
+def test_dataset_smaller_than_a_global_batch_is_refused(monkeypatch, small_corpus, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        make_loader(monkeypatch, 2, 0, small_dataset, micro_batch_size=64, grad_acc_steps=4)
+        make_loader(monkeypatch, 2, 0, small_corpus, micro_batch_size=64, grad_acc_steps=4)
     assert exit_info.value.code == 1
     error = capsys.readouterr().err
     assert "fewer than one global batch" in error and "= 512" in error
@@ -120,14 +106,14 @@ def split_loaders(monkeypatch, dataset, split):
             for rank in range(dp_size)]
 
 
-def test_every_split_of_the_global_batch_trains_on_the_same_sequences_across_epochs(monkeypatch, small_dataset):
+def test_every_split_of_the_global_batch_trains_on_the_same_sequences_across_epochs(monkeypatch, small_corpus):
     """dp 1, 2 and 4, micro-batches of 1 to 4, accumulation 1 or 2: the same 8 sequences at every step, through
     three epoch boundaries (before, an epoch dropped the last N mod (micro_batch_size x dp) chunks, so the
     second epoch differed between splits)."""
     per_epoch = None
     seen = {}
     for split in SPLITS:
-        loaders = split_loaders(monkeypatch, small_dataset, split)
+        loaders = split_loaders(monkeypatch, small_corpus, split)
         per_epoch = loaders[0].batch_sampler.global_batches_per_epoch
         assert 3 <= per_epoch <= 20 and len(loaders[0].tokenized_dataset) % 8 != 0  # a remainder to drop
         seen[split] = step_batches(loaders, 3 * per_epoch + 2)
@@ -138,15 +124,15 @@ def test_every_split_of_the_global_batch_trains_on_the_same_sequences_across_epo
     assert first[:per_epoch] != first[per_epoch:2 * per_epoch]  # reshuffled every epoch
 
 
-def test_a_resume_that_reshards_just_before_an_epoch_boundary_continues_the_same_sequences(monkeypatch, small_dataset):
+def test_a_resume_that_reshards_just_before_an_epoch_boundary_continues_the_same_sequences(monkeypatch, small_corpus):
     """dp 2 stops one step before its epoch ends; dp 4, from that state, takes the next global batches (the last
     of the epoch, then the next epoch's) that dp 2 takes, and starts there directly: nothing is replayed."""
-    source = split_loaders(monkeypatch, small_dataset, (2, 2, 2))
+    source = split_loaders(monkeypatch, small_corpus, (2, 2, 2))
     per_epoch = source[0].batch_sampler.global_batches_per_epoch
     step_batches(source, per_epoch - 1)
     state = source[0].state_dict()
     assert state == {"epoch": 0, "sequences_in_epoch": (per_epoch - 1) * 8}
-    target = split_loaders(monkeypatch, small_dataset, (4, 1, 2))
+    target = split_loaders(monkeypatch, small_corpus, (4, 1, 2))
     for loader in target:
         loader.load_state_dict(state)
         assert loader._iterator._num_yielded == 0  # positioned by the sampler, not by drawing batches

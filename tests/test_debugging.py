@@ -18,12 +18,11 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_env
+from conftest import ROOT, concurrently, run_env
 
 TOOL = ROOT / "tools" / "distributed_mistakes.py"
 README = (ROOT / "README.md").read_text()
@@ -163,8 +162,7 @@ def mistakes(tmp_path_factory):
     cases = [("mismatched_shapes", False), ("last_micro_batch_sync", False), ("last_micro_batch_sync", True),
              ("seed_per_rank", False), ("seed_per_rank", True)]
     tmp_path = tmp_path_factory.mktemp("mistakes")
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(lambda case: mistake(*case, tmp_path), cases))
+    results = concurrently(lambda case: mistake(*case, tmp_path), cases)
     return dict(zip(cases, results))
 
 

@@ -13,11 +13,10 @@ import socket
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import ROOT, Run, run_env, step_dir
+from conftest import ROOT, Run, concurrently, run_env, step_dir
 
 # the parity runs of test_data_parallel (tp2 x dp2 in step 6 is the same command line there)
 SMALL = ["--seq_len", 32, "--learning_rate", 1e-3, "--gradient_accumulation_steps", 2, "--max_tokens", 20 * 4 * 32,
@@ -109,9 +108,7 @@ def runs(torchrun, tmp_path_factory):
     for name, (step, layout) in TWO_AGENT_LAYOUTS.items():
         launches[f"{name}_one_agent"] = lambda step=step, layout=layout: torchrun(step, 4, *SMALL, *layout)
         launches[f"{name}_two_agents"] = lambda step=step, layout=layout: two_agents(tmp, step, [[*SMALL, *layout]] * 2)
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        futures = {name: pool.submit(launch) for name, launch in launches.items()}  # "stalled" first
-        return {name: future.result() for name, future in futures.items()}
+    return dict(zip(launches, concurrently(lambda launch: launch(), launches.values(), workers=3)))  # "stalled" first
 
 
 def error_lines(*runs):

@@ -6,7 +6,6 @@ import re
 import signal
 import subprocess
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from unittest import mock
 
@@ -41,12 +40,9 @@ def runs(torchrun):
         launches[(step, engine, pp_size, num_layers)] = (*layers(num_layers), "--pp_size", pp_size,
                                                          "--pp_engine", engine)
 
-    def launch(item):
-        (step, _, nproc, _), args = item
-        return item[0], torchrun(step, nproc, *SMALL, *args)
-
-    with mock.patch.dict(os.environ, {"VERBOSE": "1"}), ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(pool.map(launch, launches.items()))
+    with mock.patch.dict(os.environ, {"VERBOSE": "1"}):
+        return torchrun.many({(step, engine, nproc, num_layers): (step, nproc, *SMALL, *args)
+                              for (step, engine, nproc, num_layers), args in launches.items()})
 
 
 @pytest.mark.parametrize("num_layers,pp_size,expected", [

@@ -7,7 +7,6 @@ import json
 import math
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
@@ -46,13 +45,7 @@ def runs(torchrun):
                 "bf16_step10_dp2": ("step10", 2, *COMMON, *DP2, *BF16, *SHORT),
                 "bf16_dp2_zero0": ("step11", 2, *COMMON, *DP2, *BF16, *SHORT, "--zero_stage", 0),
                 "bf16_dp2_zero1": ("step11", 2, *COMMON, *DP2, *BF16, *SHORT, "--zero_stage", 1)}
-
-    def launch(item):
-        name, (step, nproc, *args) = item
-        return name, torchrun(step, nproc, *args)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(pool.map(launch, launches.items()))
+    return torchrun.many(launches)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
