@@ -18,6 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# The runs that save, shared by the checkpoint tests: fixtures of the whole session, one launch each.
+pytest_plugins = ("checkpoint_runs",)
+
 # The suite never touches the Hugging Face hub: the embedded assets are the defaults.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -7,14 +7,14 @@ transformers. What a rank holds between units and in flight is checked from insi
 import json
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import ROOT, assert_parity, max_abs_diff
-from test_checkpoint import COMMON as CHECKPOINT_COMMON
-from test_checkpoint import LAYOUTS as CHECKPOINT_LAYOUTS
-from test_checkpoint import SAVE_AT, export_and_compare, halfway_copy, launch_two_at_a_time
+from checkpoint_helpers import export_and_compare
+from checkpoint_runs import COMMON as CHECKPOINT_COMMON
+from checkpoint_runs import LAYOUTS as CHECKPOINT_LAYOUTS
+from checkpoint_runs import SAVE_AT, halfway_copy
+from conftest import ROOT, assert_parity, concurrently, max_abs_diff
 from test_zero import BASELINE, COMMON, DP2, LAYOUTS
 
 FSDP_LAYOUTS = {
@@ -49,13 +49,7 @@ def runs(torchrun, tied_model):
                    for name, (nproc, *args) in FSDP_LAYOUTS.items()},
                 "step11_dp2_zero2": ("step11", *LAYOUTS["dp2_zero2"][:1], *COMMON, *LAYOUTS["dp2_zero2"][1:]),
 }
-
-    def launch(item):
-        name, (step, nproc, *args) = item
-        return name, torchrun(step, nproc, *args)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(pool.map(launch, launches.items()))
+    return torchrun.many(launches)
 
 
 @pytest.mark.parametrize("layout", FSDP_LAYOUTS)
@@ -80,7 +74,7 @@ def test_zero_3_takes_the_steps_of_zero_2_bit_for_bit_at_dp_2(runs):
     assert len(stage3.losses) == 20 and stage3.losses == stage2.losses  # identical floats
 
 
-# Checkpoints: the layouts of tests/test_checkpoint.py (3 layers, 6 steps, saves at step 3 and 6).
+# Checkpoints: the layouts of tests/checkpoint_runs.py (3 layers, 6 steps, saves at step 3 and 6).
 ZERO3_DP2 = (2, *CHECKPOINT_LAYOUTS["dp2_bucket"][1], "--zero_stage", 3)
 BASELINE_ZERO0 = (1, *CHECKPOINT_LAYOUTS["baseline"][1], "--zero_stage", 0)
 ZERO3_DP2_TP2 = (4, "--micro_batch_size", 1, "--gradient_accumulation_steps", 2, "--dp_size", 2, "--tp_size", 2,
@@ -104,9 +98,8 @@ def checkpoint_runs(torchrun, tmp_path_factory):
         copy = halfway_copy(save_dir, tmp_path_factory.mktemp(f"resume12_{name}") / "ckpt")
         return name, (run(layout, copy, "--resume", *extra), copy)
 
-    runs.update(launch_two_at_a_time(resume, [("zero3_dp2_again", ZERO3_DP2, ()),
-                                              ("baseline_zero0", BASELINE_ZERO0,
-                                               ("--save_every", 1, "--keep_last", 4))]))
+    runs.update(concurrently(resume, [("zero3_dp2_again", ZERO3_DP2, ()),
+                                      ("baseline_zero0", BASELINE_ZERO0, ("--save_every", 1, "--keep_last", 4))]))
     stage0_dir = runs["baseline_zero0"][1]
     step4 = tmp_path_factory.mktemp("resume12_tp2") / "ckpt"
     shutil.copytree(stage0_dir, step4, ignore=shutil.ignore_patterns("step_000005", "step_000006"))
