@@ -106,3 +106,9 @@ def test_readme_tools_start(tool, tmp_path):
 
 def test_readme_names_every_tool():
     assert {f"tools/{p.name}" for p in (ROOT / "tools").glob("*.py")} == set(TOOLS)
+
+
+def test_the_readme_test_command_is_what_ci_runs():
+    """The quick start's second command is the suite as CI runs it (.ci/run), so a learner's green run is CI's."""
+    ci = re.search(r"^(python -m pytest .*)$", (ROOT / ".ci" / "run").read_text(), flags=re.MULTILINE).group(1)
+    assert f'pip install -e ".[test]" && {ci}' in README, ci

@@ -18,6 +18,10 @@ checked.
 Every torchrun command in a step README goes through the argument parser of the train.py it runs, with
 --nproc_per_node equal to the product of the parallel sizes (tp, pp, dp, and cp where the parser has
 it); "Run it" runs the step's own train.py.
+
+Deep dives live in the step READMEs and the top-level README links to them, so in every README (the top-level one
+included) each relative link and image reaches a file and each #anchor a heading, each `tests/...py` it names is a
+test file, and the top-level step table links every step's README.
 """
 import ast
 import re
@@ -137,3 +141,49 @@ def test_the_videos_section_maps_every_step_folder_to_a_video_or_to_its_readme()
         assert video in videos, video
     for step_dir in STEP_DIRS:
         assert f"]({step_dir.name}/README.md)" in videos, f"the Videos section does not link {step_dir.name}"
+
+
+MARKDOWN_FILES = [ROOT / "README.md", *(d / "README.md" for d in STEP_DIRS)]
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def without_code_blocks(text):
+    return re.sub(r"^```.*?^```", "", text, flags=re.MULTILINE | re.DOTALL)
+
+
+def anchors(path):
+    """GitHub's heading anchors: lowercased, punctuation dropped (backticks included), spaces as hyphens."""
+    headings = re.findall(r"^#{1,6} (.+)$", without_code_blocks(path.read_text()), flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+
+
+@pytest.mark.parametrize("path", MARKDOWN_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_and_images_resolve(path):
+    """Sections move between the top-level README and the step READMEs: every relative link and image must still
+    reach a file, and every #anchor a heading of the file it names."""
+    for target in LINK.findall(without_code_blocks(path.read_text())):
+        if re.match(r"[a-z]+:", target):
+            continue  # https:, mailto:
+        file, _, anchor = target.partition("#")
+        linked = (path.parent / file).resolve() if file else path
+        assert linked.exists(), f"{path.relative_to(ROOT)} links {target}: no such file"
+        if anchor:
+            assert anchor in anchors(linked), f"{path.relative_to(ROOT)} links {target}: no such heading"
+
+
+@pytest.mark.parametrize("path", MARKDOWN_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_test_files_a_readme_names_exist(path):
+    """`tests/test_x.py` (or a glob such as `tests/test_checkpoint*.py`) named in a README is a file of the suite, so
+    that its advice on running one area's tests stays true."""
+    for name in re.findall(r"tests/[\w*]+\.py", path.read_text()):
+        assert list(ROOT.glob(name)), f"{path.relative_to(ROOT)} names {name}: no such test file"
+
+
+def test_the_step_table_links_every_step_readme():
+    """The top-level README is the map: each step's row of its table links that step's README (in the technique
+    column, since tools/make_patches.py finds a row by its first cell, `stepN_name/` in backticks)."""
+    readme = (ROOT / "README.md").read_text()
+    for step_dir in STEP_DIRS:
+        row = re.search(rf"^\| `{step_dir.name}/` \|.*$", readme, flags=re.MULTILINE)
+        assert row, f"the step table has no row for {step_dir.name}"
+        assert f"]({step_dir.name}/README.md)" in row.group(0), f"the row of {step_dir.name} does not link its README"
