@@ -47,10 +47,12 @@ def export_and_compare(save_dir, out_dir):
 def one_rank_run(step):
     """A tiny model after one optimizer step, in a process group of one (gloo) inside this process: yields
     (the step's checkpoint module, save(save_dir, step_number), the run's settings, the step's save_dir module
-    with the guards), saving with the step's own save_checkpoint. A second or so, where a torchrun launch costs
+    with the guards and the damage checks, its durable.py with the writes and checksums), saving with the step's own
+    save_checkpoint. A second or so, where a torchrun launch costs
     ten."""
-    names = ("checkpoint", "save_dir", "process_group_manager", "model", *(("zero",) if step != "step10" else ()))
-    checkpoint, guards, pgm, model_module, *zero = import_step(step, *names)
+    names = ("checkpoint", "save_dir", "durable", "same_run", "process_group_manager", "model",
+             *(("zero", "zero_optimizer") if step != "step10" else ()))
+    checkpoint, guards, durable, same_run, pgm, model_module, *zero = import_step(step, *names)
     config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     config.head_dim = 8
@@ -58,7 +60,7 @@ def one_rank_run(step):
                            learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=None, max_grad_norm=1.0,
                            weight_decay=0.1, dataset_name=str(ROOT / "assets" / "tiny_stories"),
                            model_name=str(ROOT / "assets" / "tiny_llama"))
-    run = checkpoint.run_settings(args, config)
+    run = same_run.run_settings(args, config)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         pgm.setup_process_group_manager(1, 1, 1, 1)
@@ -66,7 +68,7 @@ def one_rank_run(step):
         model = model_module.Llama(config)
         if zero:
             model = zero[0].ZeroDataParallel(model, zero_stage=0)
-            optimizer = zero[0].ZeroAdamW(model, lr=1e-3)
+            optimizer = zero[1].ZeroAdamW(model, lr=1e-3)
         else:
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         input_ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
@@ -80,6 +82,6 @@ def one_rank_run(step):
             checkpoint.save_checkpoint(save_dir=str(save_dir), step=number, tokens=16 * number, model=model,
                                        optimizer=optimizer, data_loader=data_loader, run=run, keep_last=2)
 
-        yield checkpoint, save, run, guards
+        yield checkpoint, save, run, guards, durable
     finally:
         dist.destroy_process_group()

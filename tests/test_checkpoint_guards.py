@@ -168,7 +168,7 @@ def test_save_dir_guards_lock_first_write_to_prove_writable_and_name_a_file(step
 def test_a_save_dir_that_a_rank_cannot_see_is_refused_naming_the_rank(step, tmp_path, monkeypatch, capsys):
     """Issue 22, item 2: a --save_dir path that names a local folder on each node. Here the one rank is made blind to
     the token file that global rank 0 writes; a rank that sees it passes, and the token is gone afterwards."""
-    with one_rank_run(step) as (checkpoint, _, _, guards):
+    with one_rank_run(step) as (checkpoint, _, _, guards, _):
         guards.check_every_rank_sees(str(tmp_path))
         assert list(tmp_path.iterdir()) == []
         real_open = open
@@ -187,8 +187,8 @@ def test_a_save_dir_that_a_rank_cannot_see_is_refused_naming_the_rank(step, tmp_
     assert list(tmp_path.iterdir()) == []
 
 
-def check_on_two_nodes(train, utils, monkeypatch, rank_0_flags, rank_1_flags):
-    """utils.check_same_settings as rank 0 runs it, when rank 1 (another node) was started with rank_1_flags: the
+def check_on_two_nodes(train, utils, same_run, monkeypatch, rank_0_flags, rank_1_flags):
+    """check_same_settings (same_run.py's from step 10 on, utils.py's before) as rank 0 runs it, when rank 1 (another node) was started with rank_1_flags: the
     gather hands rank 0 the settings that rank 1 computed from its own command line."""
     def settings_of(flags):
         monkeypatch.setattr(sys, "argv", ["train.py", *map(str, flags)])
@@ -202,17 +202,20 @@ def check_on_two_nodes(train, utils, monkeypatch, rank_0_flags, rank_1_flags):
     monkeypatch.setattr(utils.dist, "get_world_size", lambda: len(gathered) + 1)
     monkeypatch.setattr(utils.dist, "all_gather_object", lambda everyone, settings: (
         gathered.append(settings), everyone.__setitem__(slice(None), gathered[::-1])))
-    utils.check_same_settings(*settings_of(rank_1_flags))
-    utils.check_same_settings(*settings_of(rank_0_flags))
+    same_run.check_same_settings(*settings_of(rank_1_flags))
+    same_run.check_same_settings(*settings_of(rank_0_flags))
 
 
 @pytest.mark.parametrize("step", [f"step{n}" for n in range(2, 13)])
 def test_ranks_compare_what_they_train_on_not_how_it_is_named(step, tmp_path, monkeypatch, capsys):
     """Issue 22, item 1, in every step that has the check (2 on): the model and dataset directories reached by
     another path (a symlink: another mount point on another node) and per-node output flags are the same run;
-    another seed, or a tokenizer whose files differ, is not, and is one line naming it. Step 2 trains on random
-    tokens: it has no --dataset_name, no output flags, and its model is compared by its config alone."""
-    train, utils = import_step(step, "train", "utils")
+    another seed, or a model config that differs, is not, and is one line naming it; from step 10 on (issue 30,
+    item 7: where a run's identity matters) a tokenizer or --init_from_hf whose files differ is not either. Step 2
+    trains on random tokens: it has no --dataset_name, no output flags, and its model is compared by its config
+    alone."""
+    has_weights = step in ("step10", "step11", "step12")
+    train, utils, same_run = import_step(step, "train", "utils", "same_run" if has_weights else "utils")
     model_link, data_link = tmp_path / "model_link", tmp_path / "data_link"
     model_link.symlink_to(ROOT / "assets" / "tiny_llama")
     data_link.symlink_to(ROOT / "assets" / "tiny_stories")
@@ -224,11 +227,10 @@ def test_ranks_compare_what_they_train_on_not_how_it_is_named(step, tmp_path, mo
                    "--num_workers", 2]
     same_weights = tmp_path / "same_weights"  # --init_from_hf (steps 10 on): a copy elsewhere is the same weights
     shutil.copytree(ROOT / "assets" / "tiny_llama", same_weights)
-    has_weights = step in ("step10", "step11", "step12")
     if has_weights:
         node_0 += ["--init_from_hf", ROOT / "assets" / "tiny_llama"]
         node_1 += ["--init_from_hf", same_weights]
-    check_on_two_nodes(train, utils, monkeypatch, node_0, node_1)
+    check_on_two_nodes(train, utils, same_run, monkeypatch, node_0, node_1)
 
     other_tokenizer = tmp_path / "other_tokenizer"
     shutil.copytree(ROOT / "assets" / "tiny_llama", other_tokenizer)
@@ -240,14 +242,13 @@ def test_ranks_compare_what_they_train_on_not_how_it_is_named(step, tmp_path, mo
     (other_config / "config.json").write_text(json.dumps({**config, "rope_theta": 1234.0}))
     refused = [(["--seed", 7], "--seed 42 on ranks [0], 7 on ranks [1]"),
                (["--model_name", other_config], "'rope_theta': 1234.0")]
-    if has_data:
-        refused.append((["--model_name", other_tokenizer], "the tokenizer files of --model_name '"))
     if has_weights:
+        refused.append((["--model_name", other_tokenizer], "the tokenizer files of --model_name '"))
         refused.append((["--init_from_hf", other_tokenizer], "the files of --init_from_hf '"))
     for flags, expected in refused:
         capsys.readouterr()
         with pytest.raises(SystemExit):
-            check_on_two_nodes(train, utils, monkeypatch, node_0, [*node_1, *flags])
+            check_on_two_nodes(train, utils, same_run, monkeypatch, node_0, [*node_1, *flags])
         (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
         assert error.startswith("error: the ranks were started with different settings") and expected in error, error
         assert "metrics_file" not in error and "dataset_name" not in error and "config._name_or_path" not in error
@@ -258,7 +259,7 @@ def test_ranks_compare_what_they_train_on_not_how_it_is_named(step, tmp_path, mo
 def test_a_resume_knows_its_dataset_by_content_not_by_path(step, tmp_path):
     """Issue 22, item 1, for --resume: the dataset copied to another path (another node's mount) is the same run;
     a dataset whose files differ by one byte is another run, named."""
-    checkpoint = import_step(step, "checkpoint")
+    same_run = import_step(step, "same_run")
     config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2)
 
@@ -267,7 +268,7 @@ def test_a_resume_knows_its_dataset_by_content_not_by_path(step, tmp_path):
                                learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=None, max_grad_norm=1.0,
                                weight_decay=0.1, dataset_name=str(dataset),
                                model_name=str(ROOT / "assets" / "tiny_llama"))
-        return checkpoint.run_settings(args, config)
+        return same_run.run_settings(args, config)
 
     saved = json.loads(json.dumps(run_on(ROOT / "assets" / "tiny_stories")))
     moved, edited = tmp_path / "moved", tmp_path / "edited"
@@ -275,8 +276,8 @@ def test_a_resume_knows_its_dataset_by_content_not_by_path(step, tmp_path):
     shutil.copytree(ROOT / "assets" / "tiny_stories", edited)
     with open(edited / "README.md", "a") as f:
         f.write(" ")
-    assert checkpoint.run_differences(saved, run_on(moved)) == []
-    (difference,) = checkpoint.run_differences(saved, run_on(edited))
+    assert same_run.run_differences(saved, run_on(moved)) == []
+    (difference,) = same_run.run_differences(saved, run_on(edited))
     assert difference.startswith(f"dataset {saved['dataset']!r} vs "), difference
 
 

@@ -161,11 +161,11 @@ def test_damaged_data_is_refused_naming_the_file_and_the_checkpoint(step, tmp_pa
     missing, non-finite values: each is one line naming the file, and --resume refuses before training, naming
     the newest intact checkpoint, touching nothing."""
     pristine = tmp_path / "pristine"
-    with one_rank_run(step) as (checkpoint, save, run, guards):
+    with one_rank_run(step) as (checkpoint, save, run, guards, durable):
         save(pristine, 2)
         save(pristine, 4)
     (name,) = [p.name for p in (pristine / "step_000004").glob("*.safetensors")]
-    assert checkpoint.damage(str(pristine / "step_000004")) is None
+    assert guards.damage(str(pristine / "step_000004")) is None
 
     def another_save(folder):
         def split_in_two(metadata, tensors):
@@ -176,7 +176,7 @@ def test_damaged_data_is_refused_naming_the_file_and_the_checkpoint(step, tmp_pa
     def nan_saved_so(metadata, tensors):
         key = next(key for key in tensors if key.startswith("model."))
         tensors[key][0] = float("nan")
-        metadata["sha256"] = checkpoint.tensors_sha256(tensors)
+        metadata["sha256"] = durable.tensors_sha256(tensors)
 
     cases = {  # how the newest checkpoint is damaged -> what damage() says
         "flipped": (lambda folder: flip_bytes(folder / name), "its tensors do not match their checksum"),
@@ -193,7 +193,7 @@ def test_damaged_data_is_refused_naming_the_file_and_the_checkpoint(step, tmp_pa
         save_dir = tmp_path / case
         shutil.copytree(pristine, save_dir)
         harm(save_dir / "step_000004")
-        problem = checkpoint.damage(str(save_dir / "step_000004"))
+        problem = guards.damage(str(save_dir / "step_000004"))
         assert problem and expected in problem and problem.split(":")[0].endswith(".safetensors"), (case, problem)
         before = tree_digest(save_dir)
         capsys.readouterr()
@@ -210,7 +210,7 @@ def test_damaged_data_is_refused_naming_the_file_and_the_checkpoint(step, tmp_pa
 def test_resume_says_it_skips_a_cut_short_save_and_refuses_another_config_or_tokenizer(step, tmp_path, capsys):
     """The newest folder without COMPLETE is named; a checkpoint from a model whose config (rms_norm_eps, say) or
     tokenizer differs is refused naming them; a config that differs only in a name (`_name_or_path`) is not."""
-    with one_rank_run(step) as (checkpoint, save, run, guards):
+    with one_rank_run(step) as (checkpoint, save, run, guards, durable):
         save(tmp_path, 2)
     (tmp_path / "step_000003").mkdir()  # a save cut short
     capsys.readouterr()
@@ -239,12 +239,12 @@ def test_a_save_reaches_the_disk_before_complete_and_a_full_disk_removes_the_par
         step, tmp_path, monkeypatch, capsys):
     """fsync each file before its rename, then the folder; COMPLETE after, itself fsynced, then the folder again.
     A write that fails for want of space is one line; the partial folder goes, the earlier checkpoint stays."""
-    with one_rank_run(step) as (checkpoint, save, run, guards):
+    with one_rank_run(step) as (checkpoint, save, run, guards, durable):
         events = []
-        real_fsync, real_replace = checkpoint.fsync, os.replace
-        monkeypatch.setattr(checkpoint, "fsync", lambda path: (events.append(("fsync", os.path.basename(path))),
+        real_fsync, real_replace = durable.fsync, os.replace
+        monkeypatch.setattr(durable, "fsync", lambda path: (events.append(("fsync", os.path.basename(path))),
                                                                real_fsync(path)))
-        monkeypatch.setattr(checkpoint.os, "replace", lambda src, dst: (
+        monkeypatch.setattr(durable.os, "replace", lambda src, dst: (
             events.append(("rename", os.path.basename(src), os.path.basename(dst))), real_replace(src, dst)))
         save(tmp_path, 2)
         monkeypatch.undo()
@@ -259,7 +259,7 @@ def test_a_save_reaches_the_disk_before_complete_and_a_full_disk_removes_the_par
         def disk_full(*args, **kwargs):
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-        monkeypatch.setattr(checkpoint, "save_file", disk_full)
+        monkeypatch.setattr(durable, "save_file", disk_full)
         capsys.readouterr()
         with pytest.raises(SystemExit) as stop:
             save(tmp_path, 4)
@@ -268,4 +268,4 @@ def test_a_save_reaches_the_disk_before_complete_and_a_full_disk_removes_the_par
     assert f"cannot save the checkpoint {tmp_path}/step_000004 (rank 0: " in error and "No space left" in error, error
     assert "partial folder was removed" in error
     assert not (tmp_path / "step_000004").exists()
-    assert checkpoint.damage(str(tmp_path / "step_000002")) is None
+    assert guards.damage(str(tmp_path / "step_000002")) is None

@@ -202,19 +202,20 @@ def test_a_resume_reads_only_the_pieces_it_owns_and_the_files_are_hashed_once_ac
     assert torch.equal(saved.read_block(key, (first, last), (8, 24)), full[first:last, 8:24])
     assert reads == {**{p: [] for p in reads}, path: [(key, first * cols - start, last * cols - start)]}
 
+    guards = import_step("step12", "save_dir")  # the damage checks sit with the --save_dir guards
     checked = []
-    monkeypatch.setattr(checkpoint, "file_damage", lambda path, step, save_id: checked.append(path) or (
+    monkeypatch.setattr(guards, "file_damage", lambda path, step, save_id: checked.append(path) or (
         "its tensors do not match their checksum" if path.endswith("shard01.safetensors") else None))
-    monkeypatch.setattr(checkpoint.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(checkpoint.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(guards.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(guards.dist, "get_world_size", lambda group=None: 2)
     verdicts, gathered = [], {}
     for rank in (0, 1):
-        monkeypatch.setattr(checkpoint.dist, "get_rank", lambda group=None, rank=rank: rank)
+        monkeypatch.setattr(guards.dist, "get_rank", lambda group=None, rank=rank: rank)
         # every rank's problem, as the gather gives them: rank 1's from its own check of shard 1
-        monkeypatch.setattr(checkpoint.dist, "all_gather_object", lambda out, problem, rank=rank: (
+        monkeypatch.setattr(guards.dist, "all_gather_object", lambda out, problem, rank=rank: (
             gathered.setdefault(rank, problem), out.__setitem__(slice(None), [
                 None, "pp00_tp00_shard01.safetensors: its tensors do not match their checksum"])))
-        verdicts.append(checkpoint.damage(folder))
+        verdicts.append(guards.damage(folder))
     assert sorted(map(os.path.basename, checked)) == ["pp00_tp00_shard00.safetensors", "pp00_tp00_shard01.safetensors"]
     assert gathered == {0: None, 1: "pp00_tp00_shard01.safetensors: its tensors do not match their checksum"}
     assert verdicts == ["pp00_tp00_shard01.safetensors: its tensors do not match their checksum"] * 2
