@@ -133,7 +133,12 @@ def test_ranks_started_with_different_settings_stop_naming_them(runs):
     assert len(first) == 1 and first == second, (first, second)
     (line,) = first
     assert "different settings" in line and "--seed" in line, line
-    assert not any("DistNetworkError" in agent.stderr for agent in agents), agents  # no C++ stack from an agent
+    # Each machine says why before anything breaks: no connection error (a DistNetworkError with its C++ stack) in
+    # an agent's output ahead of our line. A node whose ranks stop without saying it, or only after waiting, leaves
+    # its agent polling the rendezvous store of the other agent, which has gone: that DistNetworkError comes first,
+    # or alone. After the line it is torchrun's own exit, not ours: the agent hosting the store leaves as soon as
+    # its ranks have stopped, and the other one, on a busy machine, may reach for the store a moment later.
+    assert all("DistNetworkError" not in agent.stderr[:agent.stderr.index(line)] for agent in agents), agents
     assert re.search(r"42 on ranks \[\d, \d\]", line) and re.search(r"7 on ranks \[\d, \d\]", line), line
     assert "--learning_rate" not in line  # only what differs
     assert not any("Step: 1" in agent.stdout for agent in agents)
