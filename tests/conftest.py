@@ -47,6 +47,9 @@ def import_step(step, *names):
     previously imported copies so each step's code sees its own siblings."""
     for name in STEP_MODULES:
         sys.modules.pop(name, None)
+    for name, module in list(sys.modules.items()):  # any other module a step folder holds
+        if Path(getattr(module, "__file__", None) or "/").parent.name.startswith("step"):
+            sys.modules.pop(name)
     sys.path.insert(0, str(step_dir(step)))
     try:
         modules = [importlib.import_module(name) for name in names]
