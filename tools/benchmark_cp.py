@@ -17,8 +17,6 @@ never asserts: the activation bytes are exact, tokens/s need one free core per r
 import argparse
 import json
 import os
-import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,15 +27,14 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from transformers import AutoConfig
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "step9_context_parallel"))
+from lib.measure import ActivationMeter, RandomBatches, free_port, peak_rss_bytes
+from lib.steps import ROOT, use_step
+
+use_step("step9_context_parallel")
 import process_group_manager as pgm  # noqa: E402
 from context_parallel import apply_context_parallel, split_batch_for_context_parallel  # noqa: E402
 from data_parallel import DataParallelBucket  # noqa: E402
 from model import Llama  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "tools" / "lib"))
-from measure import ActivationMeter, RandomBatches, free_port  # noqa: E402
 
 # name: (cp_size, dp_size), with the goals for the ratios to cp 1: (activations at most, tokens/s at least)
 LAYOUTS = {"cp1": (1, 1), "cp2": (2, 1), "dp2": (1, 2), "cp4": (4, 1)}
@@ -82,7 +79,7 @@ def worker(rank, layout, seq_len, port, args, result_dir):
                 model.finish_gradient_synchronization()
             optimizer.step()
             durations.append(time.perf_counter() - start)
-    result = {"activation_bytes": meter.peak, "rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    result = {"activation_bytes": meter.peak, "rss_bytes": peak_rss_bytes(),
               "step_seconds": sum(durations[1:]) / args.steps}
     (Path(result_dir) / f"{seq_len}_{layout}_{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()

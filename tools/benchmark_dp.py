@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -30,7 +29,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-ROOT = Path(__file__).resolve().parent.parent
+from lib.steps import ROOT, use_step
+
 # "local": the bare model, no communication at all: what the others would take if communication were free
 WRAPPERS = ("naive", "bucket", "ddp", "local")
 
@@ -81,7 +81,7 @@ def train_step(kind, model, optimizer, micro_batches):
 
 
 def worker(args):
-    sys.path.insert(0, str(ROOT / "step6_data_parallel_bucket"))  # model and process_group_manager
+    use_step("step6_data_parallel_bucket")  # model and process_group_manager
     import process_group_manager as pgm
     from model import Llama
 

@@ -21,7 +21,6 @@ flat tensor per unit; FSDP2: one DTensor per parameter).
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,17 +32,16 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-from benchmark_zero import cpu_name, model_arguments, model_config  # noqa: E402  (puts step12_fsdp on the path)
+from lib.measure import cpu_name, free_port
+from lib.models import model_arguments, model_config
+from lib.steps import use_step
+
+use_step("step12_fsdp")
 import process_group_manager as pgm  # noqa: E402
 from model import Llama  # noqa: E402
 from optimizer import decay_groups  # noqa: E402
 from zero import ZeroDataParallel  # noqa: E402
 from zero_optimizer import ZeroAdamW  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "tools" / "lib"))
-from measure import free_port  # noqa: E402
 
 DP_SIZE = 2
 

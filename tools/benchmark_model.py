@@ -8,16 +8,15 @@ tokens/s of each and the ratio ours / theirs. It measures, it never asserts.
     python tools/benchmark_model.py --hidden_size 512 --num_hidden_layers 8 --seq_len 256
 """
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, LlamaForCausalLM
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "step1_modeling"))
+from lib.steps import ROOT, use_step
+
+use_step("step1_modeling")
 from model import Llama  # noqa: E402
 
 
@@ -50,9 +49,8 @@ def main():
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     config = AutoConfig.from_pretrained(args.model_name)
-    for name in ("hidden_size", "intermediate_size", "num_hidden_layers"):
-        if getattr(args, name) is not None:
-            setattr(config, name, getattr(args, name))
+    config.update({name: getattr(args, name) for name in ("hidden_size", "intermediate_size", "num_hidden_layers")
+                   if getattr(args, name) is not None})
     config.head_dim = config.hidden_size // config.num_attention_heads
 
     torch.manual_seed(0)

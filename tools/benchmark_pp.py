@@ -12,8 +12,6 @@ It measures, it never asserts; on a shared CPU the timings are noisy, the activa
 import argparse
 import json
 import os
-import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,14 +21,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import AutoConfig
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "step8_pipeline_parallel_1f1b"))
+from lib.measure import ActivationMeter, RandomBatches, free_port, peak_rss_bytes
+from lib.steps import ROOT, use_step
+
+use_step("step8_pipeline_parallel_1f1b")
 import process_group_manager as pgm  # noqa: E402
 from model import Llama  # noqa: E402
 from pipeline_parallel import PipelineParallel, train_step_pipeline_1f1b, train_step_pipeline_afab  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "tools" / "lib"))
-from measure import ActivationMeter, RandomBatches, free_port  # noqa: E402
 
 ENGINES = {"afab": train_step_pipeline_afab, "1f1b": train_step_pipeline_1f1b}
 
@@ -69,7 +66,7 @@ def worker(rank, pp_size, engine, port, args, result_dir):
             optimizer.step()
             durations.append(time.perf_counter() - start)
     result = {"stage": pgm.process_group_manager.pp_rank, "layers": [model.start_layer, model.end_layer],
-              "activation_bytes": meter.peak, "rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              "activation_bytes": meter.peak, "rss_bytes": peak_rss_bytes(),
               "step_seconds": sum(durations[1:]) / args.steps}
     (Path(result_dir) / f"{pp_size}_{engine}_{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
@@ -103,7 +100,8 @@ def main():
             print(f"  {a['stage']:>5} {'%d-%d' % (a['layers'][0], a['layers'][1] - 1):>8} "
                   f"{a['activation_bytes'] / 2**20:>12.1f} {b['activation_bytes'] / 2**20:>12.1f} "
                   f"{b['activation_bytes'] / a['activation_bytes']:>6.2f} "
-                  f"{a['rss_bytes'] / 2**20:>12.0f} {b['rss_bytes'] / 2**20:>12.0f} {b['rss_bytes'] / a['rss_bytes']:>6.2f}")
+                  f"{a['rss_bytes'] / 2**20:>12.0f} {b['rss_bytes'] / 2**20:>12.0f} "
+                  f"{b['rss_bytes'] / a['rss_bytes']:>6.2f}")
 
 
 if __name__ == "__main__":

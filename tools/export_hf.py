@@ -1,5 +1,6 @@
-"""Export the latest complete checkpoint of a step 10 or step 11 run, saved in any layout and zero stage, as a Hugging Face Llama model:
-config.json (the run's model config, layer and head overrides included), the tokenizer, model.safetensors.
+"""Export the latest complete checkpoint of a step 10 or step 11 run, saved in any layout and zero stage, as a
+Hugging Face Llama model: config.json (the run's model config, layer and head overrides included), the tokenizer,
+model.safetensors.
 
     python tools/export_hf.py runs/ckpt runs/tiny_llama_trained
     python -c "from transformers import LlamaForCausalLM; LlamaForCausalLM.from_pretrained('runs/tiny_llama_trained')"
@@ -10,13 +11,13 @@ indices. The optimizer state stays behind.
 """
 import argparse
 import os
-import sys
-from pathlib import Path
 
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, LlamaConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "step12_fsdp"))
+from lib.steps import use_step
+
+use_step("step12_fsdp")
 from checkpoint import complete_checkpoints, read_full_tensors, read_metadata  # noqa: E402
 from save_dir import damage  # noqa: E402
 from utils import fail  # noqa: E402

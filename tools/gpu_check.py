@@ -30,7 +30,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
+from lib.steps import ROOT, use_step
+
 STEP_FOLDERS = {int(re.match(r"step(\d+)_", path.name).group(1)): path
                 for path in ROOT.glob("step*_*") if path.is_dir() and re.match(r"step\d+_", path.name)}
 LOGITS_TOLERANCE = 1e-4
@@ -85,7 +86,7 @@ def run_step(number, args, workdir):
 def import_step(number):
     """model and utils of one step folder (each step imports its siblings as top-level modules); from step 10 on
     the metrics (FLOPs, peak, formatting) are in metrics.py, before it in utils.py."""
-    sys.path.insert(0, str(STEP_FOLDERS[number]))
+    use_step(STEP_FOLDERS[number].name)
     import model
     import utils
     metrics = importlib.import_module("metrics") if (STEP_FOLDERS[number] / "metrics.py").exists() else utils

@@ -1,6 +1,10 @@
-"""Measuring helpers shared by the benchmarks (tools/benchmark_pp.py, tools/benchmark_cp.py): random
-batches shaped like the data loader's, the bytes of activations autograd saves for backward, a free port."""
+"""Measuring helpers shared by the benchmarks: random batches shaped like the data loader's, the bytes of
+activations autograd saves for backward, the most memory a process has held, the CPU's name, a free port."""
+import platform
+import resource
 import socket
+import subprocess
+from pathlib import Path
 
 import torch
 
@@ -63,3 +67,17 @@ def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def peak_rss_bytes():
+    """The most memory this process has held since it started: its max RSS (Linux counts it in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def cpu_name():
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+    except FileNotFoundError:
+        lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.lower().startswith("model name")]
+    return names[0] if names else platform.processor() or "unknown CPU"

@@ -1,0 +1,7 @@
+"""What the tools share, imported as `from lib.<module> import ...` (a tool run as `python tools/<tool>.py` has
+tools/ first on sys.path).
+
+    steps.py    ROOT, use_step(folder): a step folder's modules importable as the step imports them
+    models.py   the model-size flags and the Llama config they make
+    measure.py  random batches, activation bytes, peak memory, the CPU's name, a free port
+"""
