@@ -5,10 +5,10 @@ all-reduces a decoder layer costs. Prints a table; it never asserts.
    where matmuls dominate: the embedded tiny Llama (its tokenizer and vocabulary) widened to hidden 1024 /
    intermediate 4096, few layers, short sequences. Tokens/s over the steps after warm-up; the tp sizes
    take turns for --rounds rounds and each keeps its best, so a burst of load elsewhere hurts less.
-2. Communication: a small torchrun'd run of this file (--count_worker) wraps torch.distributed.all_reduce
-   and all_gather, runs one forward and one backward through sharded models of 1 and 2 layers, and reports
-   what one more layer adds (expected: 2 all-reduces forward, 2 backward) and what the embedding and LM
-   head add.
+2. Communication: a small torchrun'd run of this file (--count_worker) watches the calls of
+   torch.distributed.all_reduce and all_gather (tools/lib/watch.py), runs one forward and one backward through
+   sharded models of 1 and 2 layers, and reports what one more layer adds (expected: 2 all-reduces forward,
+   2 backward) and what the embedding and LM head add.
 
     python tools/benchmark_tp.py
     python tools/benchmark_tp.py --hidden_size 2048 --intermediate_size 8192 --steps 4 --tp_sizes 1 2
@@ -24,7 +24,9 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
-ROOT = Path(__file__).resolve().parent.parent
+from lib.steps import ROOT, use_step
+from lib.watch import watch
+
 STEP_DIR = ROOT / "step4_tensor_parallel"
 
 
@@ -95,7 +97,7 @@ def count_worker(out_path):
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    sys.path.insert(0, str(STEP_DIR))
+    use_step(STEP_DIR.name)
     import process_group_manager as pgm
     from model import Llama
     from tensor_parallel import apply_tensor_parallel
@@ -104,15 +106,12 @@ def count_worker(out_path):
     pgm.setup_process_group_manager(dist.get_world_size(), 1, 1)
     counts, phase = Counter(), ["forward"]
 
-    def counting(name, collective):
-        def wrapper(*a, **kw):
+    def counting(name):
+        def count(arguments):
             counts[(phase[0], name)] += 1
-            return collective(*a, **kw)
-        return wrapper
+        return count
 
-    # tensor_parallel looks these up on torch.distributed at every call, so the wrappers see every one.
-    dist.all_reduce = counting("all_reduce", dist.all_reduce)
-    dist.all_gather = counting("all_gather", dist.all_gather)
+    calls = {dist.all_reduce: counting("all_reduce"), dist.all_gather: counting("all_gather")}
 
     per_model = {}
     for num_layers in (1, 2):
@@ -123,9 +122,10 @@ def count_worker(out_path):
         input_ids = torch.randint(0, config.vocab_size, (2, 16))
         counts.clear()
         phase[0] = "forward"
-        logits = model(input_ids)  # [batch, seq, vocab]
-        phase[0] = "backward"
-        F.cross_entropy(logits.flatten(0, 1), input_ids.flatten()).backward()
+        with watch(calls=calls):
+            logits = model(input_ids)  # [batch, seq, vocab]
+            phase[0] = "backward"
+            F.cross_entropy(logits.flatten(0, 1), input_ids.flatten()).backward()
         per_model[num_layers] = {f"{p}_{name}": n for (p, name), n in counts.items()}
     if dist.get_rank() == 0:
         keys = sorted(set(per_model[1]) | set(per_model[2]))
@@ -145,7 +145,8 @@ def main():
 
     print(f"model: hidden {args.hidden_size}, intermediate {args.intermediate_size}, {args.num_hidden_layers} layers, "
           f"vocab of assets/tiny_llama | batch {args.micro_batch_size} x {args.seq_len} tokens | "
-          f"best of {args.rounds} runs of {args.steps} timed steps after {args.warmup} warm-up | 1 thread per rank, {os.cpu_count()} CPUs, "
+          f"best of {args.rounds} runs of {args.steps} timed steps after {args.warmup} warm-up | 1 thread per rank, "
+          f"{os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[1]:.1f} over the last 5 minutes (other processes skew the ratios)")
     print(f"{'tp':>3} | {'tokens/s':>9} | {'tokens/s/device':>15} | {'speed-up':>8} | {'peak memory GB':>14}")
     base = throughput[min(throughput)][0]

@@ -2,23 +2,31 @@
 time, for zero_stage 0 to 3 at dp 1, 2, 4 on CPU with gloo, beside PyTorch's ZeRO-1.
 
 For each dp size N, N processes train the same Llama (same seed) on the same random batches with
-step12_fsdp/zero.py (whose stages 0-2 are step 11's), one model per zero stage, taking turns (1 warm-up step each, then rounds of one step
-each, order rotated every round) so all see the same machine load. Per rank it measures:
+step12_fsdp/zero.py (whose stages 0-2 are step 11's), one model per zero stage, taking turns (1 warm-up step each,
+then rounds of one step each, order rotated every round) so all see the same machine load. The warm-up step, which
+is not timed, is also the one watched (tools/lib/watch.py: Python's profiler hook passes on the calls of the
+collectives and the returns from sharded_bucket.py's functions, and the tool reads there; nothing of step 12 is
+replaced or wrapped, and the timed steps run unwatched). Every step makes the same calls, so the watched one
+stands for all. Per rank it measures:
 
   param_bytes      the compute parameters (the buckets' flat parameter buffers; at stage 3 the pieces kept)
   grad_bytes       the most fp32 gradient memory held at any moment of the step: full bucket buffers alive
-                   plus owned shards. ShardedBucket.allocate_grad_buffer and finish_reduction are wrapped
-                   here to follow the live bytes (zero.py is not changed): at stage 2 the full buffers of
-                   the buckets being filled or reduced exist only for a moment, the end of a step misses them.
-                   At stage 3: the owned pieces only, what a rank holds between units
-  in_flight_bytes  stage 3: the most bytes of whole units at any moment, the gathered compute parameters and
-                   the full fp32 gradient buffers together (gather_parameters and free_parameters are
-                   wrapped too); None at stages 0-2
+                   plus owned shards, read from every bucket (grad_buffer, None once freed) each time a function
+                   of sharded_bucket.py returns: a buffer is created only inside one (allocate_grad_buffer), so
+                   every moment just after one is created is read, before anything is freed. At stage 2 the full
+                   buffers of the buckets being filled or reduced exist only for a moment, the end of a step
+                   misses them. At stage 3: the owned pieces only, what a rank holds between units
+  in_flight_bytes  stage 3: the most bytes of whole units at any moment, the gathered compute parameters (the
+                   parameter buffer's storage, resized to nothing once freed; gathered only inside
+                   gather_parameters) and the full fp32 gradient buffers together, read the same way; None at
+                   stages 0-2
   optimizer_bytes  the fp32 master where it is a separate copy (not at fp32) + AdamW's exp_avg, exp_avg_sq
-  bytes_sent       per rank per optimizer step, counted by wrapping torch.distributed.all_reduce,
-                   reduce_scatter_single and all_gather_single (or their pre-2.13 names), ring convention:
-                   an all-reduce of B bytes sends 2 (N-1)/N x B, a reduce-scatter and an all-gather
-                   (N-1)/N x B of the full buffer
+  bytes_sent       per rank per optimizer step, from the arguments of each call of torch.distributed.all_reduce,
+                   reduce_scatter_single and all_gather_single (before torch 2.13: reduce_scatter_tensor and
+                   all_gather_into_tensor, which now call the new names, so each call counts once), ring
+                   convention: an all-reduce of B bytes sends 2 (N-1)/N x B, a reduce-scatter and an all-gather
+                   (N-1)/N x B of the full buffer. (PyTorch's profiler records gloo's collectives too, but in
+                   torch 2.13 without the group's size, and an all-reduce without its dtype.)
   step_seconds     median over the timed steps (the group waits at a barrier before and after each), and
                    tokens/s of the whole group
   peak_from_start_bytes
@@ -51,8 +59,8 @@ The anchor, at every dp size > 1: torch.distributed.optim.ZeroRedundancyOptimize
 with DistributedDataParallel (same bucket size), against our stage 1, both in fp32 whatever --dtype: in
 bf16 their recipe steps bf16 parameters with bf16 moments and no fp32 master, a different algorithm with
 different losses, so fp32, where both run the same AdamW on the same weights, is the honest comparison of
-losses and time. Their bytes sent are not counted (DDP's all-reduces run in C++, past the wrappers) and
-neither are their gradients (DDP keeps its own buckets beside param.grad); their optimizer state is.
+losses and time. Their bytes sent are not counted (DDP's all-reduces are called from C++, where no Python hook
+sees them) and neither are their gradients (DDP keeps its own buckets beside param.grad); their optimizer state is.
 
 It measures, it never asserts (tests/test_benchmark_zero.py does). On a 2-core machine shared with other
 work, the times are noisy; the bytes are exact.
@@ -63,14 +71,10 @@ work, the times are noisy; the bytes are exact.
 """
 import argparse
 import contextlib
-import inspect
+import functools
 import json
 import os
-import platform
-import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -81,39 +85,23 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
-from transformers import LlamaConfig
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "step12_fsdp"))
+from lib.measure import cpu_name, free_port, peak_rss_bytes
+from lib.models import model_arguments, model_config
+from lib.steps import use_step
+from lib.watch import watch
+
+use_step("step12_fsdp")
 import process_group_manager as pgm  # noqa: E402
 import sharded_bucket  # noqa: E402
-import zero_optimizer  # noqa: E402
 from model import Llama  # noqa: E402
 from optimizer import decay_groups  # noqa: E402
-from sharded_bucket import MAX_REDUCTIONS_IN_FLIGHT, ShardedBucket  # noqa: E402
+from sharded_bucket import MAX_REDUCTIONS_IN_FLIGHT  # noqa: E402
 from zero import ZeroDataParallel  # noqa: E402
 from zero_optimizer import ZeroAdamW  # noqa: E402
 
-sys.path.insert(0, str(ROOT / "tools" / "lib"))
-from measure import free_port  # noqa: E402
-
 STAGES = (0, 1, 2, 3)
 MB = 2**20
-
-
-def model_arguments(description, hidden_size=256, intermediate_size=768, num_hidden_layers=40, vocab_size=512,
-                    seq_len=64, micro_batch_size=1):
-    """A parser with the model-size flags that model_config reads (shared by benchmark_fsdp.py, fsdp_timeline.py):
-    by default 31.7M parameters in 40 layers of hidden 256, so that no single parameter is large."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name", default=str(ROOT / "assets" / "tiny_llama"), help="config to start from")
-    parser.add_argument("--hidden_size", type=int, default=hidden_size)
-    parser.add_argument("--intermediate_size", type=int, default=intermediate_size)
-    parser.add_argument("--num_hidden_layers", type=int, default=num_hidden_layers)
-    parser.add_argument("--vocab_size", type=int, default=vocab_size)
-    parser.add_argument("--seq_len", type=int, default=seq_len)
-    parser.add_argument("--micro_batch_size", type=int, default=micro_batch_size)
-    return parser
 
 
 def parse_args():
@@ -130,14 +118,6 @@ def parse_args():
     return parser.parse_args()
 
 
-def model_config(args):
-    config = LlamaConfig.from_pretrained(args.model_name)
-    for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"):
-        setattr(config, name, getattr(args, name))
-    config.head_dim = config.hidden_size // config.num_attention_heads  # loading derived it from the file's size
-    return config
-
-
 def nbytes(tensor):
     return 0 if tensor is None else tensor.numel() * tensor.element_size()
 
@@ -145,80 +125,42 @@ def nbytes(tensor):
 class MemoryMeter:
     """Live bytes of one model's fp32 gradients (full bucket buffers + owned shards) and of its whole units
     (stage 3's gathered parameters), and their maxima: the gradients alone, and the full buffers together
-    with the whole units (what stage 3 holds in flight)."""
-
-    meters = {}  # ShardedBucket -> its model's meter
+    with the whole units (what stage 3 holds in flight). read() looks at every bucket; the worker calls it at
+    every return from a function of sharded_bucket.py while the step is watched."""
 
     def __init__(self, buckets):
+        self.buckets = buckets
         self.shards = sum(nbytes(bucket.grad_shard) for bucket in buckets)
-        self.full = sum(nbytes(bucket.grad_buffer) for bucket in buckets)  # full fp32 gradient buffers alive
-        self.whole = 0  # gathered parameter buffers alive
-        self.peak_grad = self.shards + self.full
-        self.peak_in_flight = self.full
-        for bucket in buckets:
-            MemoryMeter.meters[bucket] = self
+        self.peak_grad = self.peak_in_flight = 0
+        self.read()
 
-    def add(self, full=0, whole=0):
-        self.full += full
-        self.whole += whole
-        self.peak_grad = max(self.peak_grad, self.shards + self.full)
-        self.peak_in_flight = max(self.peak_in_flight, self.full + self.whole)
-
-    @staticmethod
-    def watch():
-        """Wrap the methods that create and drop a bucket's full gradient buffer or a unit's whole parameters.
-        Counting the difference keeps each call O(1): summing all buckets at every gradient would slow the step
-        being timed."""
-        def gradient_bytes(bucket):
-            return nbytes(bucket.grad_buffer)
-
-        def parameter_bytes(bucket):
-            return bucket.param_buffer.untyped_storage().nbytes()
-
-        for name, measure, kind in (("allocate_grad_buffer", gradient_bytes, "full"),
-                                    ("finish_reduction", gradient_bytes, "full"),
-                                    ("gather_parameters", parameter_bytes, "whole"),
-                                    ("free_parameters", parameter_bytes, "whole")):
-            def wrapped(bucket, original=getattr(ShardedBucket, name), measure=measure, kind=kind):
-                before = measure(bucket)
-                original(bucket)
-                meter = MemoryMeter.meters.get(bucket)  # none yet while the model is being wrapped
-                if meter:
-                    meter.add(**{kind: measure(bucket) - before})
-            setattr(ShardedBucket, name, wrapped)
+    def read(self, frame=None):
+        full = sum(nbytes(bucket.grad_buffer) for bucket in self.buckets)  # full fp32 gradient buffers alive
+        whole = sum(bucket.param_buffer.untyped_storage().nbytes()  # stage 3: gathered parameter buffers
+                    for bucket in self.buckets if bucket.shards_params)
+        self.peak_grad = max(self.peak_grad, self.shards + full)
+        self.peak_in_flight = max(self.peak_in_flight, full + whole)
 
 
 class SentBytes:
     """Bytes this rank sends in collectives, by the ring convention (what NCCL's ring sends; gloo's algorithms
-    differ, see zero.py's docstring)."""
+    differ, see zero.py's docstring), counted from the arguments of each call: `calls` is what watch() takes."""
 
-    # collective -> (its argument that is the full buffer, share of it each rank sends times N / (N - 1));
-    # torch 2.13 renamed reduce_scatter_tensor and all_gather_into_tensor to *_single: both names are counted
-    COLLECTIVES = {"all_reduce": ("tensor", 2), "reduce_scatter_single": ("input", 1),
-                   "reduce_scatter_tensor": ("input", 1), "all_gather_single": ("output_tensor", 1),
-                   "all_gather_into_tensor": ("output_tensor", 1)}
+    # collective -> (its argument that is the full buffer, share of it each rank sends times N / (N - 1)). torch 2.13
+    # renamed reduce_scatter_tensor and all_gather_into_tensor to *_single, and the old names call the new ones:
+    # watching the newest name there is counts each call once, by whichever name it was made.
+    COLLECTIVES = {dist.all_reduce: ("tensor", 2),
+                   getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor): ("input", 1),
+                   getattr(dist, "all_gather_single", dist.all_gather_into_tensor): ("output_tensor", 1)}
 
     def __init__(self):
         self.total = 0
-        for name, (buffer, share) in self.COLLECTIVES.items():
-            if hasattr(dist, name):
-                self.wrap(name, buffer, share)
+        self.calls = {collective: functools.partial(self.count, buffer, share)
+                      for collective, (buffer, share) in self.COLLECTIVES.items()}
 
-    def wrap(self, name, buffer, share):
-        original = getattr(dist, name)
-        signature = inspect.signature(original)
-
-        def wrapped(*args, **kwargs):
-            bound = signature.bind(*args, **kwargs)
-            num_ranks = dist.get_world_size(bound.arguments.get("group"))
-            self.total += share * (num_ranks - 1) * nbytes(bound.arguments[buffer]) // num_ranks
-            return original(*args, **kwargs)
-        setattr(dist, name, wrapped)
-        # sharded_bucket.py binds its own names to two collectives at import: rebind those too
-        for module in (sharded_bucket, zero_optimizer):
-            for attribute, value in list(vars(module).items()):
-                if value is original:
-                    setattr(module, attribute, wrapped)
+    def count(self, buffer, share, arguments):
+        num_ranks = dist.get_world_size(arguments["group"])
+        self.total += share * (num_ranks - 1) * nbytes(arguments[buffer]) // num_ranks
 
 
 def build_ours(config, zero_stage, dtype, args):
@@ -288,8 +230,6 @@ def worker(rank, dp_size, port, args, result_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=dp_size)
     pgm.setup_process_group_manager(tp_size=1, cp_size=1, pp_size=1, dp_size=dp_size)
     group = pgm.process_group_manager.cp_dp_group
-    MemoryMeter.watch()
-    sent = SentBytes()
     config = model_config(args)
     dtype = getattr(torch, args.dtype)
 
@@ -307,6 +247,7 @@ def worker(rank, dp_size, port, args, result_dir):
             built[key] = model, optimizer, MemoryMeter(model.buckets)
         else:
             built[key] = (*build_torch(config, group, args), None)
+    sent = {key: SentBytes() for key in contestants if key[0] == "ours"}
     num_params = sum(p.numel() for p in built[contestants[0]][0].parameters())
 
     generator = torch.Generator().manual_seed(1)
@@ -315,19 +256,19 @@ def worker(rank, dp_size, port, args, result_dir):
                                                 args.micro_batch_size, args.seq_len + 1), generator=generator)
     losses = {key: [] for key in contestants}
     seconds = {key: [] for key in contestants}
-    sent_per_step = {key: 0 for key in contestants}
-    for step in range(1 + args.steps):  # step 0 warms up
+    for step in range(1 + args.steps):  # step 0 warms up, and ours are watched in it
         shift = step % len(contestants)
         for key in contestants[shift:] + contestants[:shift]:
-            model, optimizer, _ = built[key]
+            model, optimizer, meter = built[key]
+            watched = step == 0 and meter is not None
             dist.barrier()
-            sent.total = 0
             start = time.perf_counter()
-            losses[key].append(train_step(key[0], model, optimizer, micro_batches=batches[step, :, rank]))
+            with watch(calls=sent[key].calls, returns=(sharded_bucket.__file__, meter.read)) if watched \
+                    else contextlib.nullcontext():
+                losses[key].append(train_step(key[0], model, optimizer, micro_batches=batches[step, :, rank]))
             dist.barrier()
             if step:
                 seconds[key].append(time.perf_counter() - start)
-            sent_per_step[key] = sent.total
 
     results = []
     for key in contestants:
@@ -336,15 +277,10 @@ def worker(rank, dp_size, port, args, result_dir):
         memory = ours_memory(model, optimizer, meter) if kind == "ours" else torch_memory(model, optimizer)
         results.append({"contestant": kind, "zero_stage": stage, "dtype": dtype_name, "dp_size": dp_size,
                         "num_params": num_params, **memory,
-                        "bytes_sent": sent_per_step[key] if kind == "ours" else None,
+                        "bytes_sent": sent[key].total if kind == "ours" else None,
                         "step_seconds": seconds[key], "losses": losses[key]})
     (Path(result_dir) / f"{dp_size}_{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
-
-
-def peak_bytes():
-    """The most memory this process has held since it started: its max RSS (Linux counts it in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def peak_worker(rank, dp_size, port, stage, args, result_dir):
@@ -358,14 +294,14 @@ def peak_worker(rank, dp_size, port, stage, args, result_dir):
     config = model_config(args)
     batches = torch.randint(config.vocab_size, (2, args.gradient_accumulation_steps, dp_size, args.micro_batch_size,
                                                 args.seq_len + 1), generator=torch.Generator().manual_seed(1))
-    runtime = peak_bytes()
+    runtime = peak_rss_bytes()
     run = argparse.Namespace(seed=0, init_from_hf=None, zero_stage=stage, bucket_size_mb=args.bucket_size_mb,
                              learning_rate=args.learning_rate, weight_decay=0.01)
     model, optimizer = build_model(run, config, torch.device("cpu"), getattr(torch, args.dtype))
-    built = peak_bytes()
+    built = peak_rss_bytes()
     for step in range(2):  # AdamW's moments exist from the first step on
         train_step("ours", model, optimizer, micro_batches=batches[step, :, rank])
-    result = {"peak_from_start_bytes": peak_bytes(), "runtime_bytes": runtime, "build_peak_bytes": built}
+    result = {"peak_from_start_bytes": peak_rss_bytes(), "runtime_bytes": runtime, "build_peak_bytes": built}
     (Path(result_dir) / f"peak_{dp_size}_{stage}_{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
@@ -386,7 +322,8 @@ def measure_peaks(args, result_dir):
             fullest = max(ranks, key=lambda r: r["peak_from_start_bytes"] - r["runtime_bytes"])
             peaks[dp_size, stage] = {**fullest, "peak_above_runtime_bytes":
                                      fullest["peak_from_start_bytes"] - fullest["runtime_bytes"],
-                                     "build_above_runtime_bytes": fullest["build_peak_bytes"] - fullest["runtime_bytes"]}
+                                     "build_above_runtime_bytes":
+                                     fullest["build_peak_bytes"] - fullest["runtime_bytes"]}
     del os.environ["MALLOC_MMAP_THRESHOLD_"]
     return peaks
 
@@ -443,15 +380,6 @@ def total_bytes(row):
     return row["param_bytes"] + row["grad_bytes"] + row["optimizer_bytes"]
 
 
-def cpu_name():
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-    except FileNotFoundError:
-        lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.lower().startswith("model name")]
-    return names[0] if names else platform.processor() or "unknown CPU"
-
-
 def print_table(rows, args):
     ours = [r for r in rows if r["contestant"] == "ours" and r["dtype"] == args.dtype]
     first = ours[0]
@@ -484,7 +412,8 @@ def print_table(rows, args):
         in_flight = "-" if row["in_flight_bytes"] is None else f"{row['in_flight_bytes'] / MB:.1f}"
         print(f"{row['zero_stage']:>5} {row['dp_size']:>3} {row['param_bytes'] / MB:>10.1f} "
               f"{row['grad_bytes'] / MB:>9.1f} {row['optimizer_bytes'] / MB:>9.1f} {total / MB:>9.1f} {goal} "
-              f"{in_flight:>9} {row['bytes_sent'] / MB:>8.1f} {row['bytes_sent'] / grads:>7.3f} {row['step_seconds'] * 1000:>8.0f} "
+              f"{in_flight:>9} {row['bytes_sent'] / MB:>8.1f} {row['bytes_sent'] / grads:>7.3f} "
+              f"{row['step_seconds'] * 1000:>8.0f} "
               f"{row['tokens_per_second']:>9.0f}")
 
     pairs = [(ours_row, theirs) for theirs in rows if theirs["contestant"] == "torch"
@@ -496,8 +425,8 @@ def print_table(rows, args):
           "batches and bucket size; losses averaged over the ranks, warm-up step first")
     print("ours/torch: the median of the per-step ratios (the two take turns step by step, so load that comes and "
           "goes lands on both), and their range")
-    print(f"{'dp':>3} {'ours ms':>8} {'torch ms':>9} {'ours/torch':>10} {'range':>11} {'optim MB ours':>13} {'torch':>6} "
-          f"{'max |dloss|':>11}  losses ours | torch")
+    print(f"{'dp':>3} {'ours ms':>8} {'torch ms':>9} {'ours/torch':>10} {'range':>11} {'optim MB ours':>13} "
+          f"{'torch':>6} {'max |dloss|':>11}  losses ours | torch")
     for ours_row, theirs in pairs:
         diff = max(abs(a - b) for a, b in zip(ours_row["losses"], theirs["losses"]))
         ratios = [a / b for a, b in zip(ours_row["step_times"], theirs["step_times"])]
@@ -571,7 +500,8 @@ def main():
             row["dtype"] == args.dtype else None
         row.update(peak or dict.fromkeys(("peak_from_start_bytes", "runtime_bytes", "build_peak_bytes",
                                           "peak_above_runtime_bytes", "build_above_runtime_bytes")))
-        row["formula_bytes"] = formula_bytes(num_params, row["zero_stage"], row["dp_size"], args.dtype) if peak else None
+        row["formula_bytes"] = formula_bytes(num_params, row["zero_stage"], row["dp_size"], args.dtype) if peak \
+            else None
     if args.json:
         for row in rows:
             print(json.dumps(row))

@@ -1,5 +1,7 @@
 """When each unit of step 12's ZeRO-3 is whole, measured: one training step at dp 2 on the CPU (gloo), with
-every gather, wait and free of every unit timestamped, drawn as one row per unit.
+every gather, wait and free of every unit timestamped, drawn as one row per unit. The times are read from the
+outside, as each function of step12_fsdp/sharded_bucket.py returns (tools/lib/watch.py, Python's profiler hook;
+nothing of step 12 is replaced), from what the buckets hold then (UnitEvents).
 
     python tools/fsdp_timeline.py                                   # draws assets/fsdp_timeline.png
     python tools/fsdp_timeline.py --num_hidden_layers 2 --out /tmp/t.png --json
@@ -9,8 +11,8 @@ the start of the unit's all-gather to the end of the wait for it (the prefetch: 
 before computes), a dark bar from there to the free: the time the unit's full parameters exist. The strip
 below counts the units whose full buffer holds memory at each moment, being gathered or whole (never more
 than two: one computes while the next is gathered). The embedding is gathered for its forward only (its backward
-reads no weight), and the norm with the LM head stays whole from its forward into its backward. The step measured is the second of the
-run, after a warm-up step; the times are rank 0's.
+reads no weight), and the norm with the LM head stays whole from its forward into its backward. The step measured
+is the second of the run, after a warm-up step; the times are rank 0's.
 
     python tools/fsdp_timeline.py --zero_stage 1                    # draws assets/zero1_gather_overlap.png
 
@@ -22,7 +24,6 @@ before, it did not wait: the later buckets arrive while the first layers compute
 """
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,17 +33,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-from benchmark_zero import model_arguments, model_config  # noqa: E402  (puts step12_fsdp on the path)
+from lib.measure import free_port
+from lib.models import model_arguments, model_config
+from lib.steps import ROOT, use_step
+from lib.watch import watch
+
+use_step("step12_fsdp")
 import process_group_manager as pgm  # noqa: E402
 import sharded_bucket  # noqa: E402
 import zero  # noqa: E402
 from zero_optimizer import ZeroAdamW  # noqa: E402
 from model import Llama  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "tools" / "lib"))
-from measure import free_port  # noqa: E402
 
 DP_SIZE = 2
 
@@ -58,38 +59,35 @@ def parse_args():
     return parser.parse_args()
 
 
-def record_events(events):
-    """Wrap the three ShardedBucket methods that move a unit's parameters: (unit, what, seconds) per call."""
-    for name, what in (("gather_parameters", "gather"), ("wait_parameters", "whole"), ("free_parameters", "free")):
-        def wrapped(bucket, original=getattr(zero.ShardedBucket, name), what=what):
-            whole_before = bucket.param_buffer.untyped_storage().size() > 0 and bucket.gather_handle is None
-            pending_before = bucket.gather_handle is not None
-            original(bucket)
-            # only what changes the unit's state: a gather that starts, a wait that ends one, a free of a whole unit
-            if (what == "gather" and not whole_before and not pending_before and bucket.gather_handle is not None) \
-                    or (what == "whole" and not whole_before) or (what == "free" and whole_before):
-                events.append((bucket, what, time.perf_counter()))
-        setattr(zero.ShardedBucket, name, wrapped)
+class UnitEvents:
+    """(bucket, what, seconds) each time a bucket's parameters change state: "gather" when an all-gather of them
+    starts (the bucket's gather_handle appears), "whole" when the wait for it ends (the handle goes, the buffer
+    has its memory), "free" when the memory of the full parameters is given back (the buffer's storage resized to
+    nothing). read() compares every bucket with what it saw last; the workers call it at every return from a
+    function of sharded_bucket.py (tools/lib/watch.py), where those changes are made: step 12 is not changed,
+    and each change is seen as the function that made it returns."""
 
+    def __init__(self, buckets):
+        self.buckets = buckets
+        self.events = []
+        self.states = {bucket: self.state(bucket) for bucket in buckets}
 
-def record_gathers(events, buckets):
-    """Stages 1, 2: (bucket, "gather", seconds) when ZeroAdamW.step starts a bucket's all-gather (the collective is
-    called with the bucket's buffer), (bucket, "whole", seconds) when a wait for one ends."""
-    bucket_of = {bucket.param_buffer.data_ptr(): bucket for bucket in buckets}
-    original_gather, original_finish = sharded_bucket.all_gather, zero.ShardedBucket.finish_gather
+    @staticmethod
+    def state(bucket):
+        """(an all-gather of its parameters in flight, its full parameter buffer holds memory)"""
+        return bucket.gather_handle is not None, bucket.param_buffer.untyped_storage().size() > 0
 
-    def gather(output, *args, **kwargs):
-        handle = original_gather(output, *args, **kwargs)
-        if output.data_ptr() in bucket_of:
-            events.append((bucket_of[output.data_ptr()], "gather", time.perf_counter()))
-        return handle
-
-    def finish_gather(bucket):
-        pending = bucket.gather_handle is not None
-        original_finish(bucket)
-        if pending:
-            events.append((bucket, "whole", time.perf_counter()))
-    sharded_bucket.all_gather, zero.ShardedBucket.finish_gather = gather, finish_gather
+    def read(self, frame=None):
+        seconds = time.perf_counter()
+        for bucket in self.buckets:
+            (was_pending, had_memory), (pending, has_memory) = self.states[bucket], self.state(bucket)
+            if pending and not was_pending:
+                self.events.append((bucket, "gather", seconds))
+            elif was_pending and not pending and has_memory:
+                self.events.append((bucket, "whole", seconds))
+            if had_memory and not has_memory:
+                self.events.append((bucket, "free", seconds))
+            self.states[bucket] = pending, has_memory
 
 
 def gather_worker(rank, port, args, result_dir):
@@ -103,8 +101,8 @@ def gather_worker(rank, port, args, result_dir):
     model = zero.ZeroDataParallel(Llama(config), zero_stage=args.zero_stage, bucket_size_mb=args.bucket_size_mb)
     optimizer = ZeroAdamW(model, lr=1e-3)
     names = {param: name for name, param in model.module.named_parameters()}
-    events = []
-    record_gathers(events, model.buckets)
+    watched = UnitEvents(model.buckets)
+    events = watched.events
     generator = torch.Generator().manual_seed(1 + rank)
 
     def forward():
@@ -112,19 +110,20 @@ def gather_worker(rank, port, args, result_dir):
         logits = model(input_ids=tokens[:, :-1])  # [batch, seq, vocab]
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
-    for step in range(2):  # the first warms up
-        model.zero_grad()
-        forward().backward()
-        model.finish_gradient_synchronization()
-        dist.barrier()
-        events.clear()
-        start = time.perf_counter()
-        optimizer.step()
-        step_end = time.perf_counter()
-        model.zero_grad()
-        loss = forward()
-        forward_end = time.perf_counter()
-        loss.backward()  # (so that the next step has its gradients)
+    with watch(returns=(sharded_bucket.__file__, watched.read)):
+        for step in range(2):  # the first warms up
+            model.zero_grad()
+            forward().backward()
+            model.finish_gradient_synchronization()
+            dist.barrier()
+            events.clear()
+            start = time.perf_counter()
+            optimizer.step()
+            step_end = time.perf_counter()
+            model.zero_grad()
+            loss = forward()
+            forward_end = time.perf_counter()
+            loss.backward()  # (so that the next step has its gradients)
     if rank == 0:
         first_use = sorted(model.buckets, key=lambda bucket: min(
             (seconds for unit, what, seconds in events if unit is bucket and what == "whole"), default=float("inf")))
@@ -143,29 +142,30 @@ def worker(rank, port, args, result_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=DP_SIZE)
     pgm.setup_process_group_manager(tp_size=1, cp_size=1, pp_size=1, dp_size=DP_SIZE)
     config = model_config(args)
-    events = []
-    record_events(events)
     torch.manual_seed(0)
     model = zero.ZeroDataParallel(Llama(config), zero_stage=3)
     optimizer = ZeroAdamW(model, lr=1e-3)
     units = {bucket: index for index, bucket in enumerate(model.buckets)}
+    watched = UnitEvents(model.buckets)
+    events = watched.events
     generator = torch.Generator().manual_seed(1 + rank)
     phases = {}
-    for step in range(2):  # the first warms up
-        events.clear()
-        tokens = torch.randint(config.vocab_size, (args.micro_batch_size, args.seq_len + 1), generator=generator)
-        dist.barrier()
-        start = time.perf_counter()
-        model.zero_grad()
-        logits = model(input_ids=tokens[:, :-1])  # [batch, seq, vocab]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-        forward_end = time.perf_counter()
-        loss.backward()
-        model.finish_gradient_synchronization()
-        backward_end = time.perf_counter()
-        optimizer.step()
-        phases = {"forward": (0.0, forward_end - start), "backward": (forward_end - start, backward_end - start),
-                  "optimizer": (backward_end - start, time.perf_counter() - start)}
+    with watch(returns=(sharded_bucket.__file__, watched.read)):
+        for step in range(2):  # the first warms up
+            events.clear()
+            tokens = torch.randint(config.vocab_size, (args.micro_batch_size, args.seq_len + 1), generator=generator)
+            dist.barrier()
+            start = time.perf_counter()
+            model.zero_grad()
+            logits = model(input_ids=tokens[:, :-1])  # [batch, seq, vocab]
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+            forward_end = time.perf_counter()
+            loss.backward()
+            model.finish_gradient_synchronization()
+            backward_end = time.perf_counter()
+            optimizer.step()
+            phases = {"forward": (0.0, forward_end - start), "backward": (forward_end - start, backward_end - start),
+                      "optimizer": (backward_end - start, time.perf_counter() - start)}
     if rank == 0:
         result = {"units": ["embedding", *[f"layer {i}" for i in range(config.num_hidden_layers)], "norm + LM head"],
                   "phases": phases,
