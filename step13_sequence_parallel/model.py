@@ -13,9 +13,11 @@ Activation recomputation (step 13, --recompute, set_recompute): backward needs t
 backward: for a long sequence they are most of a rank's memory. `recomputed` drops what a function computes
 inside and runs it again in backward from its inputs (torch.utils.checkpoint, non-reentrant):
     full        each decoder layer keeps only its input; its whole forward runs twice (about a third more compute)
-    selective   every matmul keeps its input and output; the element-wise work between them runs again: RMSNorm's
-                fp32 statistics, the rotary embedding, SiLU(gate) * up. Cheap to redo, and as large as the
-                matmuls' outputs (in bf16 RMSNorm's fp32 copy of its input is twice as large)
+    selective   every matmul keeps its input and output; the element-wise work between them that keeps large
+                tensors of its own runs again: RMSNorm's fp32 statistics and SiLU(gate) * up. Cheap to redo, and as
+                large as the matmuls' outputs (in bf16 RMSNorm's fp32 copy of its input is twice as large). Not the
+                rotary embedding: it keeps only cos and sin (shared by every layer), and recomputing it would keep
+                q and k before the rotation as its inputs, more than it saves
     none        everything kept (every earlier step)
 """
 import copy
@@ -94,17 +96,11 @@ def causal_attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
-def rotate(q, k, cos, sin):
-    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-
-
 def swiglu(gate, up):
     return F.silu(gate) * up
 
 
 class Attention(nn.Module):
-    recompute = False  # selective recomputation: the rotary embedding computed again in backward
-
     def __init__(self, config):
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -126,7 +122,7 @@ class Attention(nn.Module):
         q = q.view(batch, seq, -1, self.head_dim).transpose(1, 2)  # [batch, heads, seq, head_dim]
         k = k.view(batch, seq, -1, self.head_dim).transpose(1, 2)  # [batch, kv_heads, seq, head_dim]
         v = v.view(batch, seq, -1, self.head_dim).transpose(1, 2)  # [batch, kv_heads, seq, head_dim]
-        q, k = recomputed(rotate, q, k, cos, sin, enabled=self.recompute)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = self.attend(q, k, v)  # [batch, heads, seq, head_dim]
         out = out.transpose(1, 2).reshape(batch, seq, -1)  # [batch, seq, heads * head_dim]
         return self.o_proj(out)
@@ -211,11 +207,11 @@ class Llama(nn.Module):
 
 
 def set_recompute(model, mode):
-    """--recompute (one of RECOMPUTE, see the module docstring) on every decoder layer, norm, attention and MLP."""
+    """--recompute (one of RECOMPUTE, see the module docstring) on every decoder layer, norm and MLP."""
     for module in model.modules():
         if isinstance(module, DecoderLayer):
             module.recompute = mode == "full"
-        elif isinstance(module, (RMSNorm, Attention, MLP)):
+        elif isinstance(module, (RMSNorm, MLP)):
             module.recompute = mode == "selective"
 
 

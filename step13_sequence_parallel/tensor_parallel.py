@@ -42,10 +42,10 @@ An all-reduce is a reduce-scatter followed by an all-gather, so a block's bytes 
 that between the blocks no rank holds the whole sequence. Backward runs the conjugates: the gradient of the
 all-gather is a reduce-scatter, that of the reduce-scatter an all-gather. A column-parallel linear needs its whole
 input again in backward, for its weight's gradient: keeping the gathered input would keep a whole [batch, seq,
-hidden] per block on every rank, the very thing sequence parallelism removes. So each column-parallel linear
-gathers its input itself and keeps only this rank's part; backward gathers it again (GatheredLinear, as Megatron
-does). The price: q, k and v gather the same input three times, gate and up twice, in forward and again in
-backward (Megatron fuses q/k/v and gate/up into one matrix each to gather once). The embedding reduce-scatters its output, the LM head
+hidden] per block on every rank, the very thing sequence parallelism removes. So each column-parallel linear gathers
+its input itself and keeps only this rank's part; backward gathers it again (GatheredLinear, as Megatron does). The
+price: q, k and v gather the same input three times, gate and up twice, in forward and again in backward (Megatron
+fuses q/k/v and gate/up into one matrix each to gather once). The embedding reduce-scatters its output, the LM head
 all-gathers its input. A norm's weight now meets only this rank's tokens, so its gradient is a part of the whole:
 SequenceParallelRMSNorm sums it over the tp ranks in backward (every rank then holds the same sum, counted once in
 the global gradient norm, as before). The sequence is dimension 1 of [batch, seq, hidden]; the collectives move it
@@ -57,7 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import process_group_manager as pgm
-from model import RMSNorm
+from model import RMSNorm, recomputed
 from process_group_manager import all_gather, reduce_scatter
 
 
@@ -257,7 +257,7 @@ class SequenceParallelRMSNorm(RMSNorm):
         self.weight, self.eps = norm.weight, norm.eps
 
     def forward(self, x):
-        return CopyToTensorParallelRegion.apply(self.weight) * self.normalise(x)
+        return CopyToTensorParallelRegion.apply(self.weight) * recomputed(self.normalise, x, enabled=self.recompute)
 
 
 def tp_sharded_parameters(model):

@@ -67,7 +67,8 @@ def parse_args():
     parser.add_argument("--cp_size", type=integer(1), default=1,
                         help="context parallel: ranks that split every sequence")
     parser.add_argument("--sequence_parallel", action="store_true",
-                        help="outside the tensor-parallel matmuls each tp rank keeps 1/tp of the sequence (tp_size > 1)")
+                        help="outside the tensor-parallel matmuls each tp rank keeps 1/tp of the sequence "
+                             "(tp_size > 1)")
     parser.add_argument("--recompute", choices=RECOMPUTE, default="none",
                         help="activations computed again in backward instead of kept: selective (the element-wise "
                              "work between matmuls) or full (every decoder layer from its input)")

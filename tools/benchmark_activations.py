@@ -99,8 +99,8 @@ def formula_bytes(*, batch, seq, hidden, intermediate, heads, kv_heads, head_dim
     inputs of what it recomputes, and the matmuls keep their inputs and outputs):
       each RMSNorm 3 * n * h * e: its input, the normalised (the weight multiply's) and the output; no fp32 copy,
         no statistics
-      attention T * ((3H + 3K) * d * e + 4H) / tp: as none plus q and k before the rotary embedding (the
-        recomputed rotary's inputs, which none does not keep)
+      attention as none: nothing in it is recomputed (the rotary embedding keeps only cos and sin; recomputing it
+        would keep q and k before the rotation, its inputs, which none does not keep)
       MLP 3 * T * i * e / tp: gate and up (the recomputed SwiGLU's inputs), the product (down_proj's input)
     recompute full: the layer's input only, n * h * e (and cos, sin: shared, below)
 
@@ -108,7 +108,7 @@ def formula_bytes(*, batch, seq, hidden, intermediate, heads, kv_heads, head_dim
       token ids T * 8 (int64) saved by the embedding lookup; at tp > 1 the vocabulary-parallel embedding's local ids
         T * 8 and its bool mask of the ids other ranks own T * 1: whole on every rank, as the ids are
       cos and sin 2 * T * d * e: computed for the whole sequence on every rank, one pair shared by every layer (kept
-        by the rotary multiply, as the recomputed rotary's inputs or as the recomputed layer's)
+        by the rotary multiply, or as the recomputed layer's inputs)
       the model's RMSNorm over n tokens as in a layer (recomputed under selective only: under full it is outside
         every layer); its output is the LM head's input
       not counted: the logits. The model's forward keeps nothing of its output (the LM head's all-gather keeps
@@ -126,10 +126,8 @@ def formula_bytes(*, batch, seq, hidden, intermediate, heads, kv_heads, head_dim
         layer = local * hidden * e
     else:
         norms = 2 * norm_bytes(local, hidden, e, recomputed=selective)
-        # q: after the rotary and the attention's output; k: after the rotary and v; under selective also q and k
-        # before the rotary
-        copies = 3 if selective else 2
-        attention = tokens * (copies * (local_heads + local_kv_heads) * head_dim * e + STAT_BYTES * local_heads)
+        # q: after the rotary and the attention's output; k: after the rotary and v
+        attention = tokens * (2 * (local_heads + local_kv_heads) * head_dim * e + STAT_BYTES * local_heads)
         mlp = (3 if selective else 4) * tokens * local_intermediate * e
         layer = norms + attention + mlp
     ids = tokens * (INDEX_BYTES + (MASK_BYTES if tp > 1 else 0))
