@@ -165,6 +165,7 @@ def tp_sharded_parameters(model):
     layers = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)
     return {module.weight for module in model.modules() if isinstance(module, layers)}
 
+
 def copy_block_input(module, args):
     """Forward pre-hook: the block's input enters the tensor-parallel region once, for all its projections."""
     return (CopyToTensorParallelRegion.apply(args[0]), *args[1:])

@@ -35,7 +35,6 @@ def test_readme_command_parses(command, monkeypatch):
     assert nproc == layout[0] * layout[1] * layout[2] * layout[3], (command, layout)
 
 
-
 def multi_node_launches():
     """{source: (nnodes, the torchrun words)} for the README's many-machines command and tools/slurm_3d.sbatch,
     their backslash-continued lines joined."""
@@ -66,6 +65,7 @@ def test_multi_node_commands_parse_and_fill_their_nodes(source, monkeypatch):
 def test_the_slurm_script_is_valid_bash():
     proc = subprocess.run(["bash", "-n", str(ROOT / "tools" / "slurm_3d.sbatch")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
 
 def test_step_table_line_counts_match_the_patches():
     rows = re.findall(r"^\| `(step\d+)_\w+/` \|.*\| \+(\d+) / −(\d+) \|$", README, flags=re.MULTILINE)
