@@ -70,17 +70,18 @@ class Mailbox:
 
     def __init__(self, shape, device, dtype):
         self.shape, self.device, self.dtype = shape, device, dtype
+        self.global_rank = pgm.process_group_manager.pp_group_ids  # of each pipeline stage in this rank's pp group
         self.outgoing, self.incoming, self.sends = {}, {}, []
 
     def exchange(self, sends, receives):
         ops, buffers = [], []
         for key, peer in sends:
             log(f"{key[0]} of stage {key[1]}, micro-batch {key[2]}: send {tuple(self.outgoing[key].shape)} -> "
-                f"rank {peer}")
-            ops.append(dist.P2POp(dist.isend, self.outgoing.pop(key).contiguous(), peer))
+                f"rank {self.global_rank[peer]}")
+            ops.append(dist.P2POp(dist.isend, self.outgoing.pop(key).contiguous(), self.global_rank[peer]))
         for key, peer in receives:
             buffers.append((key, torch.empty(self.shape, device=self.device, dtype=self.dtype)))
-            ops.append(dist.P2POp(dist.irecv, buffers[-1][1], peer))
+            ops.append(dist.P2POp(dist.irecv, buffers[-1][1], self.global_rank[peer]))
         works = dist.batch_isend_irecv(ops)
         # gloo gives a request per operation (each is waited for once); NCCL one for the whole batch
         per_op = [[work] for work in works] if len(works) == len(ops) else [works] * len(ops)
