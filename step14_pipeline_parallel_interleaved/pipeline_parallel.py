@@ -113,7 +113,7 @@ class PipelineParallel(nn.Module):
         self.norm = model.norm if grid.pp_is_last_stage else None
         self.lm_head = model.lm_head if grid.pp_is_last_stage else None
 
-    def forward(self, input_ids, position_ids, hidden_states, chunk=0):
+    def forward(self, input_ids, position_ids, hidden_states, *, chunk=0):
         # The first stage embeds the tokens; the others continue from the previous stage's output.
         first, last = chunk == 0, chunk == len(self.chunk_layers) - 1
         x = self.embed_tokens(input_ids) if first and self.embed_tokens is not None else hidden_states

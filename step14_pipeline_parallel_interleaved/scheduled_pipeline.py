@@ -25,7 +25,7 @@ from zero_bubble import deferred_weight_gradients, run_weight_gradients, split_w
 
 
 @timeline("forward")
-def forward_pass(model, batch, chunk, input_tensor, last_stage, grad_acc_steps, device):
+def forward_pass(model, batch, *, chunk, input_tensor, last_stage, grad_acc_steps, device):
     """One chunk's forward for one micro-batch; on the model's last chunk the loss, scaled as train_step does."""
     output = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
                    hidden_states=input_tensor, chunk=chunk)  # [batch, seq, hidden], or [batch, seq, vocab] last
@@ -127,7 +127,8 @@ def train_step_pipeline_scheduled(model, data_loader, *, engine, virtual_pp_size
             input_tensor = mailbox.take(("activation", stage - 1, j))
             if input_tensor is not None:
                 input_tensor.requires_grad_()  # collects the gradient to send back
-            output = forward_pass(model, batches[j], chunk, input_tensor, stage == last_stage, m, device)
+            output = forward_pass(model, batches[j], chunk=chunk, input_tensor=input_tensor,
+                                  last_stage=stage == last_stage, grad_acc_steps=m, device=device)
             if chunk == v - 1:
                 del batches[j]
             if stage == last_stage:
@@ -157,7 +158,7 @@ def train_step_pipeline_scheduled(model, data_loader, *, engine, virtual_pp_size
     return sum(losses, torch.zeros((), dtype=torch.float64, device=device))  # in float64, as Python floats
 
 
-def train_step_pipeline(model, data_loader, engine, virtual_pp_size, *, tensor_shapes, device, dtype):
+def train_step_pipeline(model, data_loader, *, engine, virtual_pp_size, tensor_shapes, device, dtype):
     """One optimizer step's passes under --pp_engine: step 7's AFAB, step 8's 1F1B, or a schedule run from its table."""
     if engine in ("afab", "1f1b"):
         step = train_step_pipeline_1f1b if engine == "1f1b" else train_step_pipeline_afab

@@ -291,7 +291,7 @@ def main():
         step_start = time.time()
         model.zero_grad()  # the data-parallel wrapper's also empties its gradient buckets
         if grid.pp_world_size > 1:
-            loss = train_step_pipeline(model, data_loader, args.pp_engine, args.virtual_pp_size,
+            loss = train_step_pipeline(model, data_loader, engine=args.pp_engine, virtual_pp_size=args.virtual_pp_size,
                                        tensor_shapes=tensor_shapes, device=device, dtype=dtype)
         else:
             loss = train_step(model, data_loader, device)
