@@ -197,7 +197,7 @@ def forward_step(model, data_loader, *, input_tensor, device, losses):
     return loss
 
 
-@timeline("backward")
+@timeline("backward", units=2)  # a whole backward: B and W
 def backward_step(input_tensor, output_tensor, output_grad):
     """Backpropagate one micro-batch through this stage; returns the gradient for the previous stage."""
     # On the last stage output_tensor is the scalar loss and output_grad is None (d loss / d loss = 1).
