@@ -84,6 +84,8 @@ def schedule_errors(args, num_layers):
     micro_batches, errors = args.gradient_accumulation_steps, []
     if virtual_pp_size > 1 and engine != "interleaved_1f1b":
         errors.append(f"--virtual_pp_size {virtual_pp_size} needs --pp_engine interleaved_1f1b")
+    if virtual_pp_size > 1 and pp_size == 1:  # one stage runs the whole model as one chunk: V would be ignored
+        errors.append(f"--virtual_pp_size {virtual_pp_size} needs --pp_size > 1: it cuts each pipeline stage's layers")
     if pp_size * virtual_pp_size > num_layers:
         errors.append(f"pp_size x virtual_pp_size = {pp_size * virtual_pp_size} chunks for {num_layers} layers: "
                       f"each chunk needs at least one layer")

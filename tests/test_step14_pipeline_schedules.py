@@ -10,7 +10,8 @@
   the weight-gradient split in one process: one queued W per linear, the same gradients as an unsplit backward;
 - at parallel sizes 1 step 14 is step 13 bit for bit (the chain);
 - a checkpoint saved under ZB-H1 resumes under interleaved 1F1B with 2 chunks (the names are the full model's);
-- bad input: chunks without interleaving, more chunks than layers, micro-batches that pp does not divide.
+- bad input: chunks without interleaving or without a pipeline, more chunks than layers, micro-batches that pp
+  does not divide.
 The bubble of each schedule against its formula is tools/pipeline_bubble.py's (tests/test_pipeline_bubble.py)."""
 import os
 import re
@@ -46,15 +47,15 @@ LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
 @pytest.fixture(scope="module")
 def runs(torchrun):
     """Every launch of this module, two at a time, under VERBOSE=1 (each stage logs what it held and its W passes);
-    the baseline is shared with the other parity tests."""
-    launches = {"baseline": BASELINE,
-                **{name: ("step14", nproc, *COMMON, *args) for name, (nproc, *args) in LAYOUTS.items()},
+    the baseline, launched without it, is shared with the other parity tests."""
+    baseline = torchrun(*BASELINE)
+    launches = {**{name: ("step14", nproc, *COMMON, *args) for name, (nproc, *args) in LAYOUTS.items()},
                 "pp2_interleaved_v4": ("step14", 2, *COMMON, *EIGHT, *SHORT, "--pp_size", 2, *INTERLEAVED,
                                        "--virtual_pp_size", 4),
                 "one_eight": ("step14", 1, *COMMON, *EIGHT, *SHORT),
                 "step13_one_eight": ("step13", 1, *COMMON, *EIGHT, *SHORT)}
     with mock.patch.dict(os.environ, {"VERBOSE": "1"}):
-        return torchrun.many(launches)
+        return {"baseline": baseline, **torchrun.many(launches)}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -206,6 +207,7 @@ def test_step14_split_backward_queues_one_w_per_linear_and_gives_the_same_gradie
 
 @pytest.mark.parametrize("flags, expected", [
     (["--pp_size", "2", "--virtual_pp_size", "2"], "--virtual_pp_size 2 needs --pp_engine interleaved_1f1b"),
+    (["--pp_engine", "interleaved_1f1b", "--virtual_pp_size", "2"], "--virtual_pp_size 2 needs --pp_size > 1"),
     (["--pp_size", "4", "--pp_engine", "interleaved_1f1b", "--virtual_pp_size", "2", "--gradient_accumulation_steps",
       "4"], "pp_size x virtual_pp_size = 8 chunks for 4 layers: each chunk needs at least one layer"),
     (["--pp_size", "2", "--pp_engine", "interleaved_1f1b", "--gradient_accumulation_steps", "3"],
