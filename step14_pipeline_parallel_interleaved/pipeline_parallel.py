@@ -21,6 +21,7 @@ PIPELINE_TIMELINE=DIR records when each stage ran each forward and backward (too
 PIPELINE_PASS_SECONDS=T makes every pass last T seconds per unit (a forward, B or W is one unit, a whole backward
 two), waiting out what its compute leaves: the schedule's shape, apart from this machine (tools/pipeline_bubble.py).
 """
+import functools
 import json
 import os
 import time
@@ -53,6 +54,7 @@ def timeline(kind, units=1):
     DIR/rank_<global rank>.jsonl; with PIPELINE_PASS_SECONDS=T the call lasts units * T seconds. Unset, the call
     costs a look at the environment."""
     def decorate(function):
+        @functools.wraps(function)  # timed.__wrapped__: the undecorated function
         def timed(*args, **kwargs):
             timeline_dir, pass_seconds = os.environ.get("PIPELINE_TIMELINE"), os.environ.get("PIPELINE_PASS_SECONDS")
             if not timeline_dir and not pass_seconds:

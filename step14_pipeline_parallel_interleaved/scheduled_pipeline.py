@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import process_group_manager as pgm
-from pipeline_parallel import log, timeline, train_step_pipeline_1f1b, train_step_pipeline_afab
+from pipeline_parallel import backward_step, log, timeline, train_step_pipeline_1f1b, train_step_pipeline_afab
 from pipeline_schedules import timetable
 from zero_bubble import deferred_weight_gradients, run_weight_gradients, split_weight_gradients
 
@@ -35,13 +35,8 @@ def forward_pass(model, batch, *, chunk, input_tensor, last_stage, grad_acc_step
     return F.cross_entropy(output.reshape(-1, output.shape[-1]).float(), target_ids.reshape(-1)) / grad_acc_steps
 
 
-def backward_pass(input_tensor, output_tensor, output_grad):
-    torch.autograd.backward(output_tensor, grad_tensors=output_grad)  # the loss: output_grad None, d loss / d loss = 1
-    return None if input_tensor is None else input_tensor.grad
-
-
-full_backward = timeline("backward", units=2)(backward_pass)  # interleaved 1F1B: B and W together
-input_backward = timeline("backward")(backward_pass)  # zb_h1's B: the linears queue their weight gradients
+full_backward = backward_step  # interleaved 1F1B: B and W together (two units)
+input_backward = timeline("backward")(backward_step.__wrapped__)  # zb_h1's B: the linears queue their W (one unit)
 weight_backward = timeline("weight")(run_weight_gradients)  # zb_h1's W
 
 
