@@ -14,12 +14,15 @@ script builds from scratch, deterministically:
                                       so that it does not embed a library version.
   assets/tiny_llama/tokenizer*.json   a byte-level BPE tokenizer with 4096 tokens
                                       (<unk>=0, <s>=1, </s>=2), trained on the corpus.
+  assets/tiny_mixtral/                step 15's mixture of experts: the tiny Llama with
+                                      8 experts (2 per token) in every layer's MLP, and
+                                      the same tokenizer.
 
 Usage (from anywhere):
   python tools/make_assets.py            regenerate assets/ in place
   python tools/make_assets.py --check    regenerate into a temp dir; fail, naming the
                                          file, if assets/ differs from it
-  python tools/make_assets.py --out DIR  write DIR/tiny_stories and DIR/tiny_llama
+  python tools/make_assets.py --out DIR  write DIR/tiny_stories, DIR/tiny_llama and DIR/tiny_mixtral
                                          (with --check: check DIR instead of assets/)
 
 Determinism: the stories come from one seeded `random.Random` walking fixed lists; the
@@ -48,7 +51,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
-CORPUS_DIR, MODEL_DIR = "tiny_stories", "tiny_llama"
+CORPUS_DIR, MODEL_DIR, MOE_MODEL_DIR = "tiny_stories", "tiny_llama", "tiny_mixtral"
 CORPUS_FILE = "train.jsonl.gz"
 SEED = 1234
 NUM_STORIES = 4700
@@ -75,6 +78,13 @@ MODEL_CONFIG = {
     "torch_dtype": "float32",
     "vocab_size": VOCAB_SIZE,
 }
+
+# Step 15's mixture of experts: the same model with every MLP a sparse MoE block of 8 experts, 2 per token, each
+# expert a third as wide as the dense MLP (so a token's expert compute is 2/3 of the dense MLP's).
+MOE_CONFIG = dict(
+    {key: value for key, value in MODEL_CONFIG.items() if key not in ("attention_bias", "mlp_bias")},
+    architectures=["MixtralForCausalLM"], model_type="mixtral", intermediate_size=256, num_local_experts=8,
+    num_experts_per_tok=2, router_aux_loss_coef=0.02, router_jitter_noise=0.0, sliding_window=None)
 
 TOKENIZER_CONFIG = {
     "add_bos_token": False,  # the dataloader appends eos itself; encode adds nothing
@@ -1100,14 +1110,14 @@ def train_tokenizer(stories):
     return tokenizer
 
 
-def write_model_dir(tokenizer, model_dir):
+def write_model_dir(tokenizer, model_dir, model_config):
     """config.json and tokenizer files, loadable with AutoConfig/AutoTokenizer."""
     model_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(model_dir / "tokenizer.json"))
     special_tokens = {key: TOKENIZER_CONFIG[key] for key in ("bos_token", "eos_token", "unk_token")}
     write_json(model_dir / "tokenizer_config.json", TOKENIZER_CONFIG)
     write_json(model_dir / "special_tokens_map.json", special_tokens)
-    config = dict(MODEL_CONFIG, bos_token_id=tokenizer.token_to_id(TOKENIZER_CONFIG["bos_token"]),
+    config = dict(model_config, bos_token_id=tokenizer.token_to_id(TOKENIZER_CONFIG["bos_token"]),
                   eos_token_id=tokenizer.token_to_id(TOKENIZER_CONFIG["eos_token"]))
     write_json(model_dir / "config.json", config)
 
@@ -1115,7 +1125,9 @@ def write_model_dir(tokenizer, model_dir):
 def make_assets(out_dir):
     stories = make_stories()
     write_corpus(stories, out_dir / CORPUS_DIR)
-    write_model_dir(train_tokenizer(stories), out_dir / MODEL_DIR)
+    tokenizer = train_tokenizer(stories)
+    write_model_dir(tokenizer, out_dir / MODEL_DIR, MODEL_CONFIG)
+    write_model_dir(tokenizer, out_dir / MOE_MODEL_DIR, MOE_CONFIG)
 
 
 # ---------------------------------------------------------------------------------
@@ -1124,7 +1136,7 @@ def make_assets(out_dir):
 
 
 def asset_files(root):
-    return sorted(p.relative_to(root).as_posix() for d in (CORPUS_DIR, MODEL_DIR)
+    return sorted(p.relative_to(root).as_posix() for d in (CORPUS_DIR, MODEL_DIR, MOE_MODEL_DIR)
                   for p in (root / d).rglob("*") if p.is_file())
 
 
@@ -1156,7 +1168,7 @@ def main():
 
     if not args.check:
         make_assets(args.out)
-        print(f"wrote {args.out / CORPUS_DIR} and {args.out / MODEL_DIR}")
+        print(f"wrote {args.out / CORPUS_DIR}, {args.out / MODEL_DIR} and {args.out / MOE_MODEL_DIR}")
         return
     with tempfile.TemporaryDirectory() as tmp:
         make_assets(Path(tmp))
