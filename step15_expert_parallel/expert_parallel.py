@@ -21,10 +21,15 @@ Dispatch and combine, in every MoE layer (SparseMoeBlock.run_experts; all-to-all
 Backward runs the conjugates: the gradient of an all-to-all is the all-to-all with the counts swapped. Nothing is
 dropped or padded (no capacity factor): an expert takes whatever the router sends it, so the run equals one process.
 
-Bytes: per MoE layer and micro-batch, each rank hands every (token, choice) pair to all-to-all twice forward
-(dispatch, combine) and twice backward (their gradients): 4 x tokens x k x hidden x bytes per value, plus the
-counts (E integers, 8 bytes each) once. The fraction (E - 1) / E of it leaves the rank when the routing is even;
-the rest is the pairs whose expert lives on the rank itself.
+Bytes: per MoE layer and micro-batch, a rank hands to all-to-all its own (token, choice) pairs (dispatch forward,
+and the gradients coming home in backward) and the pairs its experts received (combine forward, and their gradients
+in backward), hidden values each, plus the counts (E integers, 8 bytes each) once. Over an ep group every rank's
+pairs are received exactly once, so per rank, on average over the group:
+
+    bytes = 4 x tokens x k x hidden x bytes per value + 8 E      (tokens: the rank's micro-batch, batch x seq)
+
+A rank whose experts are chosen more than their share sends more (logged as alltoall_bytes_max). The fraction
+(E - 1) / E of it leaves the rank when the routing is even; the rest is pairs whose expert lives on the rank itself.
 
 Gradients. An expert's gradient adds up the contributions of the tokens that came from every rank of its ep group
 (the all-to-all's backward brings them home); ranks of other ep groups hold the same experts for other sequences.
@@ -61,11 +66,20 @@ def all_to_all(x, send_counts, recv_counts, group):
     return out
 
 
-def take_alltoall_bytes():
-    """The bytes counted since the last call, and a new count from zero."""
+def alltoall_bytes_per_rank():
+    """The bytes the ranks of this rank's ep group handed to all-to-all since the last call: (their mean, the most
+    one rank did); then a new count from zero. A rank sends its own (token, choice) pairs and sends back the pairs its
+    experts received, so one rank's bytes depend on how many tokens chose its experts; their mean is the formula's
+    (module docstring) exactly."""
     global alltoall_bytes
-    taken, alltoall_bytes = alltoall_bytes, 0
-    return taken
+    grid = pgm.process_group_manager
+    counted, alltoall_bytes = torch.tensor([float(alltoall_bytes)], dtype=torch.float64), 0
+    if grid.ep_world_size == 1:
+        return counted.item(), counted.item()
+    total, busiest = counted.clone(), counted.clone()
+    dist.all_reduce(total, group=grid.ep_group)
+    dist.all_reduce(busiest, op=dist.ReduceOp.MAX, group=grid.ep_group)
+    return total.item() / grid.ep_world_size, busiest.item()
 
 
 class AllToAll(torch.autograd.Function):

@@ -223,9 +223,11 @@ def build_model(args, config, device, dtype, initialise=True):
 
 def router_metrics(aux_loss, load):
     """What a mixture of experts logs each step: the balance loss (the mean over the dp x cp ranks), the (token,
-    choice) pairs each expert of each layer took on this rank, and the bytes it handed to all-to-all."""
+    choice) pairs this rank's tokens sent to each expert of each layer, and the bytes the ranks of its ep group
+    handed to all-to-all (expert_parallel.alltoall_bytes_per_rank: the mean and the busiest)."""
+    mean, busiest = expert_parallel.alltoall_bytes_per_rank()
     return {"aux_loss": average_loss_across_dp_cp_ranks(aux_loss).item(), "tokens_per_expert": load.tolist(),
-            "alltoall_bytes": expert_parallel.take_alltoall_bytes()}
+            "alltoall_bytes": mean, "alltoall_bytes_max": busiest}
 
 
 def main():

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from conftest import ROOT, import_step, run_env
 
@@ -28,12 +28,13 @@ def export_and_compare(save_dir, out_dir):
                           cwd=ROOT, env=run_env(out_dir.parent), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out_dir.iterdir()}
-    hf_model = LlamaForCausalLM.from_pretrained(out_dir)
+    hf_model = AutoModelForCausalLM.from_pretrained(out_dir)  # a Llama, or (step 15) a Mixtral
 
-    # step 11's reader, which reads step 10's checkpoints too
-    checkpoint, model_module = import_step("step11", "checkpoint", "model")
+    # step 15's reader (the export's), which reads the checkpoints of steps 10 to 14 too
+    checkpoint, model_module = import_step("step15", "checkpoint", "model")
     checkpoint_dir = checkpoint.complete_checkpoints(str(save_dir))[-1]
-    ours = model_module.Llama(LlamaConfig.from_dict(checkpoint.read_metadata(checkpoint_dir)["run"]["config"]))
+    config = dict(checkpoint.read_metadata(checkpoint_dir)["run"]["config"])
+    ours = model_module.Llama(AutoConfig.for_model(config.pop("model_type"), **config))
     ours.load_hf_state_dict(checkpoint.read_full_tensors(checkpoint_dir, lambda key: key.startswith("model.")))
     input_ids = torch.randint(0, hf_model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
