@@ -122,9 +122,11 @@ class Launcher:
         self.cache = {}
         self.counter = itertools.count()
 
-    def __call__(self, step, nproc, *args, timeout=600, cwd=None, cached=True, plain=False):
-        """plain=True: `python train.py` without torchrun (one process; nproc must be 1)."""
-        key = (step, nproc, flag_set(args), cwd, os.environ.get("VERBOSE"), plain)
+    def __call__(self, step, nproc, *args, timeout=600, cwd=None, cached=True, plain=False, env=None):
+        """plain=True: `python train.py` without torchrun (one process; nproc must be 1). env: variables set for this
+        launch only (as {"VERBOSE": "1"}), where concurrent launches differ; os.environ is left alone."""
+        env = {**run_env(self.tmp_root), **(env or {})}
+        key = (step, nproc, flag_set(args), cwd, env.get("VERBOSE", "0"), plain)
         if cached and key in self.cache:
             return self.cache[key]
         metrics_path = None
@@ -136,8 +138,7 @@ class Launcher:
             command = [sys.executable, str(step_dir(step) / "train.py"), *[str(a) for a in args]]
         else:
             command = torchrun_command(step, nproc, args)
-        proc = subprocess.run(command, cwd=cwd or ROOT, env=run_env(self.tmp_root), capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(command, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         run = Run(proc, metrics_path, args)
         self.cache[key] = run
         return run
@@ -152,8 +153,9 @@ class Launcher:
 @pytest.fixture(scope="session")
 def torchrun(tmp_path_factory):
     """torchrun(step, nproc, *train_args) -> Run with .returncode, .stdout, .stderr, .metrics, .losses;
-    torchrun(step, 1, *train_args, plain=True) runs `python train.py` instead; torchrun.many({name: (step, nproc,
-    *train_args)}) -> {name: Run}, launched two at a time."""
+    torchrun(step, 1, *train_args, plain=True) runs `python train.py` instead; torchrun(..., env={"VERBOSE": "1"})
+    sets variables for that launch alone (VERBOSE is part of the cache key; unset and "0" are one key);
+    torchrun.many({name: (step, nproc, *train_args)}) -> {name: Run}, launched two at a time."""
     return Launcher(tmp_path_factory.mktemp("runs"))
 
 

@@ -159,23 +159,33 @@ def test_every_numeric_flag_refuses_values_out_of_range(step, monkeypatch, capsy
 
 
 @pytest.fixture(scope="module")
-def plain_and_torchrun(torchrun):
-    """The parity baseline, once with torchrun and once as `python step3_dataloader/train.py`."""
+def good_runs(torchrun):
+    """The runs of this module that must train, one process each, two at a time: the parity baseline once with
+    torchrun and once as `python step3_dataloader/train.py`; a sequence longer than the model declares; a warm-up
+    longer than the run."""
     args = ["--seq_len", 32, "--learning_rate", 1e-3, "--gradient_accumulation_steps", 2, "--max_tokens", 20 * 4 * 32,
             "--micro_batch_size", 2]
-    return torchrun("step3", 1, *args, plain=True), torchrun("step3", 1, *args)
+    launches = {"plain": (("step3", 1, *args), True), "launched": (("step3", 1, *args), False),
+                "long_sequence": (("step2", 1, "--seq_len", 1100, "--micro_batch_size", 1, "--max_tokens", 1100), True),
+                "long_warm_up": (("step12", 1, "--warmup_steps", 50, "--max_tokens", 2 * 1024, "--seq_len", 64), True)}
+
+    def launch(item):
+        name, (launch, plain) = item
+        return name, torchrun(*launch, plain=plain)
+
+    return dict(concurrently(launch, launches.items()))
 
 
-def test_python_train_py_without_torchrun_trains_like_torchrun(plain_and_torchrun):
-    plain, launched = plain_and_torchrun
+def test_python_train_py_without_torchrun_trains_like_torchrun(good_runs):
+    plain, launched = good_runs["plain"], good_runs["launched"]
     assert plain.returncode == 0, plain
     assert launched.returncode == 0, launched
     assert len(plain.losses) == 20 and plain.losses[-1] < plain.losses[0] - 1.0, plain.losses
     assert plain.losses == launched.losses
 
 
-def test_a_sequence_longer_than_the_model_declares_is_allowed_with_one_warning(torchrun):
-    run = torchrun("step2", 1, "--seq_len", 1100, "--micro_batch_size", 1, "--max_tokens", 1100, plain=True)
+def test_a_sequence_longer_than_the_model_declares_is_allowed_with_one_warning(good_runs):
+    run = good_runs["long_sequence"]
     assert run.returncode == 0, run
     warnings = [line for line in run.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1 and "--seq_len 1100" in warnings[0] and "max_position_embeddings 1024" in warnings[0]
@@ -202,9 +212,9 @@ def test_a_zero_stage_with_nothing_to_shard_over_says_so_and_runs_as_stage_0(ste
         "stage 0"]
 
 
-def test_a_warm_up_longer_than_the_run_is_allowed_with_one_warning(torchrun):
+def test_a_warm_up_longer_than_the_run_is_allowed_with_one_warning(good_runs):
     """A short try of a long run's settings: allowed (the learning rate only rises), and said once."""
-    run = torchrun("step12", 1, "--warmup_steps", 50, "--max_tokens", 2 * 1024, "--seq_len", 64, plain=True)
+    run = good_runs["long_warm_up"]
     assert run.returncode == 0, run
     warnings = [line for line in run.stderr.splitlines() if line.startswith("warning: ")]
     assert warnings == ["warning: --warmup_steps 50 is beyond the run's last step 4: the learning rate only rises, "

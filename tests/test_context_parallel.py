@@ -37,13 +37,13 @@ STEP9_3D_CP1 = ("step9", *STEP8_3D[1:])
 @pytest.fixture(scope="module")
 def runs(torchrun):
     """Every launch of this module, two at a time (each is mostly interpreter start-up). The cp2 run prints
-    its ring exchanges (VERBOSE=1 is part of the run cache key)."""
+    its ring exchanges (VERBOSE=1 is part of the run cache key); step8_3d, launched without it, is also
+    tests/test_pipeline_parallel.py's 3D run (the launcher caches it)."""
     launches = {"baseline": BASELINE, "step8_3d": STEP8_3D, "step9_3d_cp1": STEP9_3D_CP1, **LAYOUTS}
 
     def launch(item):
         name, (step, nproc, *args) = item
-        with mock.patch.dict(os.environ, {"VERBOSE": "1" if name == "cp2" else "0"}):
-            return name, torchrun(step, nproc, *COMMON, *args)
+        return name, torchrun(step, nproc, *COMMON, *args, env={"VERBOSE": "1"} if name == "cp2" else None)
 
     return dict(concurrently(launch, launches.items()))
 

@@ -16,11 +16,12 @@ import time
 
 import pytest
 
-from conftest import ROOT, Run, concurrently, run_env, step_dir
+from conftest import ROOT, TRAINING_LOOP, Run, concurrently, run_env, step_dir
 
-# the parity runs of test_data_parallel (tp2 x dp2 in step 6 is the same command line there)
+# the parity runs of test_data_parallel: tp2 x dp2 in step 6 is the same command line there (its training loop
+# included), so the launcher's cache runs the one-agent job once for both files
 SMALL = ["--seq_len", 32, "--learning_rate", 1e-3, "--gradient_accumulation_steps", 2, "--max_tokens", 20 * 4 * 32,
-         "--micro_batch_size", 1]
+         "--micro_batch_size", 1, *TRAINING_LOOP]
 TWO_AGENT_LAYOUTS = {
     "tp2_dp2": ("step6", ["--tp_size", 2, "--dp_size", 2, "--bucket_size_mb", 1]),
     "pp2_dp2": ("step8", ["--pp_size", 2, "--dp_size", 2, "--pp_engine", "1f1b"]),

@@ -103,8 +103,11 @@ def test_losses_match_the_single_process_baseline(runs, step, engine, pp_size, n
 
 @pytest.mark.parametrize("engine", ["1f1b"])
 def test_3d_parallelism_matches_the_single_process_baseline(torchrun, engine):
-    """tp 2 x pp 2 x dp 2 on 8 processes against one process, with the same global batch of 4 chunks."""
-    common = ["--seq_len", 32, "--learning_rate", 1e-3, "--gradient_accumulation_steps", 2, "--max_tokens", 20 * 4 * 32]
+    """tp 2 x pp 2 x dp 2 on 8 processes against one process, with the same global batch of 4 chunks. The command
+    lines are those of tests/test_context_parallel.py (its BASELINE and STEP8_3D, which step 9 at cp 1 must
+    reproduce): the launcher's cache runs each once for both files."""
+    common = ["--seq_len", 32, "--learning_rate", 1e-3, "--gradient_accumulation_steps", 2, "--max_tokens", 20 * 4 * 32,
+              *TRAINING_LOOP]
     baseline = torchrun("step3", 1, *common, "--micro_batch_size", 2)
     run = torchrun("step8", 8, *common, "--micro_batch_size", 1, "--tp_size", 2, "--pp_size", 2, "--dp_size", 2,
                    "--pp_engine", engine)
@@ -112,6 +115,7 @@ def test_3d_parallelism_matches_the_single_process_baseline(torchrun, engine):
     assert len(run.losses) == 20 and run.losses[-1] < run.losses[0] - 1.0
     assert abs(run.losses[0] - baseline.losses[0]) <= 1e-5
     assert max_abs_diff(run.losses, baseline.losses) <= 1e-4, (run.losses, baseline.losses)
+    assert_parity(run, baseline, steps=20)  # and the training loop: the same learning rates and gradient norms
     assert all(m["tokens_per_second_per_device"] == pytest.approx(m["tokens_per_second"] / 8) for m in run.metrics)
 
 

@@ -10,15 +10,14 @@
 - a checkpoint saved under --sequence_parallel resumes without it and with --recompute full (they change no weight);
 - bad input: --sequence_parallel at tp 1, and a sequence part that tp does not divide, each one line.
 The activation memory of every layout against its formula is tests/test_benchmark_activations.py's."""
-import os
 import re
 import shutil
 import sys
-from unittest import mock
+import threading
 
 import pytest
 
-from conftest import assert_parity, import_step, max_abs_diff
+from conftest import assert_parity, concurrently, import_step, max_abs_diff
 from test_zero import BASELINE, COMMON, DP2
 
 TP2 = ["--micro_batch_size", 2, "--gradient_accumulation_steps", 2, "--tp_size", 2]
@@ -37,21 +36,46 @@ LAYOUTS = {
 # The runs compared with another run of step 13 (not the baseline) stop after 10 steps.
 SHORT = ["--max_tokens", 10 * 4 * 32]
 ONE = ["--micro_batch_size", 2, "--gradient_accumulation_steps", 2]  # one process, the same global batch of 4
-PIPELINE = ["--micro_batch_size", 2, "--gradient_accumulation_steps", 2, "--pp_size", 2, "--pp_engine", "1f1b",
-            "--tp_size", 2]
+# The pipeline runs whose sends are counted (under VERBOSE=1): the parity layout pp2_tp2_sp_1f1b_selective, and the
+# same layout without --sequence_parallel.
+PIPELINE_SP = "pp2_tp2_sp_1f1b_selective"
+PIPELINE_PLAIN = (4, *TP2, "--pp_size", 2, "--pp_engine", "1f1b", "--recompute", "selective")
+VERBOSE_RUNS = {PIPELINE_SP, "pp2_tp2_1f1b_selective"}
 
 
 @pytest.fixture(scope="module")
-def runs(torchrun):
-    """Every launch of this module, two at a time; the baseline is shared with the other parity tests."""
+def runs(torchrun, tmp_path_factory):
+    """Every launch of this module, two at a time; the baseline is shared with the other parity tests. The pipeline
+    runs print their sends (VERBOSE=1, for that launch alone). tp2_sp_short saves at steps 5 and 10 (saving changes
+    no number); "resumed", the last launch, resumes a copy of its save_dir as a run stopped after step 5 leaves it,
+    at tp 2 without --sequence_parallel and with --recompute full."""
+    folder = tmp_path_factory.mktemp("step13_checkpoints")
+    save_dir, halfway = folder / "checkpoints", folder / "halfway"
     launches = {"baseline": BASELINE,
+                "tp2_sp_short": ("step13", 2, *COMMON, *TP2, *SP, *SHORT, "--save_dir", save_dir, "--save_every", 5),
                 **{name: ("step13", nproc, *COMMON, *args) for name, (nproc, *args) in LAYOUTS.items()},
+                "pp2_tp2_1f1b_selective": ("step13", *PIPELINE_PLAIN[:1], *COMMON, *PIPELINE_PLAIN[1:]),
                 "tp2": ("step13", 2, *COMMON, *TP2, *SHORT),
-                "tp2_sp_short": ("step13", 2, *COMMON, *TP2, *SP, *SHORT),
                 "one_none": ("step13", 1, *COMMON, *ONE, *SHORT),
                 "one_full": ("step13", 1, *COMMON, *ONE, *SHORT, "--recompute", "full"),
-                "step12_one": ("step12", 1, *COMMON, *ONE, *SHORT)}
-    return torchrun.many(launches)
+                "step12_one": ("step12", 1, *COMMON, *ONE, *SHORT),
+                "resumed": ("step13", 2, *COMMON, *TP2, *SHORT, "--recompute", "full", "--save_dir", halfway,
+                            "--resume")}
+    saved = threading.Event()
+
+    def launch(item):
+        name, launch = item
+        if name == "resumed":
+            saved.wait()
+            if save_dir.exists():  # else the resume fails, and says why, in its own test
+                shutil.copytree(save_dir, halfway, ignore=shutil.ignore_patterns("step_000010"))
+        try:
+            return name, torchrun(*launch, env={"VERBOSE": "1"} if name in VERBOSE_RUNS else None)
+        finally:
+            if name == "tp2_sp_short":
+                saved.set()
+
+    return dict(concurrently(launch, launches.items()))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -102,32 +126,26 @@ def eval_product(shape):
     return product
 
 
-def test_step13_pipeline_stages_send_the_sequence_sharded_tensor(torchrun):
+def test_step13_pipeline_stages_send_the_sequence_sharded_tensor(runs):
     """Between stages goes the residual stream, which sequence parallelism keeps as 1/tp of the sequence per rank:
-    every send is 1/tp of the bytes, activations forward and their gradients backward."""
-    with mock.patch.dict(os.environ, {"VERBOSE": "1"}):
-        runs = torchrun.many({"plain": ("step13", 4, *COMMON, *PIPELINE, *SHORT),
-                              "sp": ("step13", 4, *COMMON, *PIPELINE, *SP, *SHORT)})
+    every send is 1/tp of the bytes, activations forward and their gradients backward. The runs: tp 2 x pp 2 (1F1B,
+    selective recomputation) for 20 steps, with --sequence_parallel (a parity layout) and without."""
+    runs = {"plain": runs["pp2_tp2_1f1b_selective"], "sp": runs[PIPELINE_SP]}
     for run in runs.values():
         assert run.returncode == 0, run
+    assert len(runs["sp"].losses) == len(runs["plain"].losses) == 20
     assert runs["sp"].losses == pytest.approx(runs["plain"].losses, abs=1e-6)
     plain, sp = sent_bytes(runs["plain"]), sent_bytes(runs["sp"])
     print(f"pipeline bytes sent per run: tp 2 {plain}, tp 2 + sequence parallel {sp} ({sp / plain:.2f}x)")
     assert sp * 2 == plain
 
 
-def test_step13_a_checkpoint_resumes_across_sequence_parallel_and_recompute(torchrun, tmp_path):
-    """Saved at step 5 of 10 under tp 2 + --sequence_parallel, resumed at tp 2 without it and with --recompute full:
-    the resumed steps are the uninterrupted run's (sequence parallelism and recomputation change no weight and no
-    name)."""
-    save_dir = tmp_path / "checkpoints"
-    whole = torchrun("step13", 2, *COMMON, *TP2, *SP, *SHORT, "--save_dir", save_dir, "--save_every", 5,
-                     cached=False)
+def test_step13_a_checkpoint_resumes_across_sequence_parallel_and_recompute(runs):
+    """Saved at step 5 of 10 under tp 2 + --sequence_parallel, resumed at tp 2 without it and with --recompute full
+    (the module's runs tp2_sp_short and resumed): the resumed steps are the uninterrupted run's (sequence
+    parallelism and recomputation change no weight and no name)."""
+    whole, resumed = runs["tp2_sp_short"], runs["resumed"]
     assert whole.returncode == 0, whole
-    halfway = tmp_path / "halfway"  # as a run stopped after step 5 leaves it
-    shutil.copytree(save_dir, halfway, ignore=shutil.ignore_patterns("step_000010"))
-    resumed = torchrun("step13", 2, *COMMON, *TP2, *SHORT, "--recompute", "full", "--save_dir", halfway,
-                       "--resume", cached=False)
     assert resumed.returncode == 0, resumed
     assert "resumed from step 5" in resumed.stdout, resumed.stdout[-2000:]
     assert len(resumed.losses) == 5

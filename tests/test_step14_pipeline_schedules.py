@@ -13,16 +13,15 @@
 - bad input: chunks without interleaving or without a pipeline, more chunks than layers, micro-batches that pp
   does not divide.
 The bubble of each schedule against its formula is tools/pipeline_bubble.py's (tests/test_pipeline_bubble.py)."""
-import os
 import re
 import shutil
 import sys
-from unittest import mock
+import threading
 
 import pytest
 import torch
 
-from conftest import assert_parity, import_step, max_abs_diff
+from conftest import assert_parity, concurrently, import_step, max_abs_diff
 from test_zero import BASELINE, COMMON
 
 PP2 = ["--micro_batch_size", 1, "--gradient_accumulation_steps", 4, "--pp_size", 2]  # the baseline's batch of 4
@@ -45,17 +44,37 @@ LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
 
 
 @pytest.fixture(scope="module")
-def runs(torchrun):
+def runs(torchrun, tmp_path_factory):
     """Every launch of this module, two at a time, under VERBOSE=1 (each stage logs what it held and its W passes);
-    the baseline, launched without it, is shared with the other parity tests."""
+    the baseline, launched without it, is shared with the other parity tests. zb_saved saves at steps 5 and 10 under
+    ZB-H1; "resumed", the last launch, resumes a copy of its save_dir as a run stopped after step 5 leaves it, under
+    interleaved 1F1B with 2 chunks a stage."""
     baseline = torchrun(*BASELINE)
-    launches = {**{name: ("step14", nproc, *COMMON, *args) for name, (nproc, *args) in LAYOUTS.items()},
+    folder = tmp_path_factory.mktemp("step14_checkpoints")
+    save_dir, halfway = folder / "checkpoints", folder / "halfway"
+    launches = {"zb_saved": ("step14", 2, *COMMON, *RESUMED, *ZB, "--save_dir", save_dir, "--save_every", 5),
+                **{name: ("step14", nproc, *COMMON, *args) for name, (nproc, *args) in LAYOUTS.items()},
                 "pp2_interleaved_v4": ("step14", 2, *COMMON, *EIGHT, *SHORT, "--pp_size", 2, *INTERLEAVED,
                                        "--virtual_pp_size", 4),
                 "one_eight": ("step14", 1, *COMMON, *EIGHT, *SHORT),
-                "step13_one_eight": ("step13", 1, *COMMON, *EIGHT, *SHORT)}
-    with mock.patch.dict(os.environ, {"VERBOSE": "1"}):
-        return {"baseline": baseline, **torchrun.many(launches)}
+                "step13_one_eight": ("step13", 1, *COMMON, *EIGHT, *SHORT),
+                "resumed": ("step14", 2, *COMMON, *RESUMED, *INTERLEAVED, "--virtual_pp_size", 2, "--save_dir",
+                            halfway, "--resume")}
+    saved = threading.Event()
+
+    def launch(item):
+        name, launch = item
+        if name == "resumed":
+            saved.wait()
+            if save_dir.exists():  # else the resume fails, and says why, in its own test
+                shutil.copytree(save_dir, halfway, ignore=shutil.ignore_patterns("step_000010"))
+        try:
+            return name, torchrun(*launch, env={"VERBOSE": "1"})
+        finally:
+            if name == "zb_saved":
+                saved.set()
+
+    return {"baseline": baseline, **dict(concurrently(launch, launches.items()))}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -124,16 +143,11 @@ def test_step14_zb_runs_one_w_per_linear_per_micro_batch(runs, layout, pp_size, 
                 range(micro_batches)), done
 
 
-def test_step14_a_checkpoint_resumes_across_engines_and_chunks(torchrun, tmp_path):
-    """Saved at step 5 of 10 under ZB-H1 (one chunk a stage), resumed under interleaved 1F1B with 2 chunks a stage:
-    the resumed steps are the uninterrupted run's."""
-    save_dir = tmp_path / "checkpoints"
-    whole = torchrun("step14", 2, *COMMON, *RESUMED, *ZB, "--save_dir", save_dir, "--save_every", 5, cached=False)
+def test_step14_a_checkpoint_resumes_across_engines_and_chunks(runs):
+    """Saved at step 5 of 10 under ZB-H1 (one chunk a stage), resumed under interleaved 1F1B with 2 chunks a stage
+    (the module's runs zb_saved and resumed): the resumed steps are the uninterrupted run's."""
+    whole, resumed = runs["zb_saved"], runs["resumed"]
     assert whole.returncode == 0, whole
-    halfway = tmp_path / "halfway"  # as a run stopped after step 5 leaves it
-    shutil.copytree(save_dir, halfway, ignore=shutil.ignore_patterns("step_000010"))
-    resumed = torchrun("step14", 2, *COMMON, *RESUMED, *INTERLEAVED, "--virtual_pp_size", 2, "--save_dir", halfway,
-                       "--resume", cached=False)
     assert resumed.returncode == 0, resumed
     assert "resumed from step 5" in resumed.stdout, resumed.stdout[-2000:]
     assert len(resumed.losses) == 5

@@ -81,8 +81,16 @@ def test_the_global_gradient_norm_counts_every_element_once(layer_checks, tp_siz
     assert layer_checks[(tp_size, f"{model}.clipped_grad_relative")]["max_abs_diff"] <= GRADIENT_TOLERANCE
 
 
-def test_tp1_equals_step3_exactly(torchrun):
-    baseline, run = torchrun("step3", 1, *PARITY), torchrun("step4", 1, *PARITY)
+@pytest.fixture(scope="module")
+def runs(torchrun):
+    """The step3 baseline (shared with the other parity tests) and step 4 at tp 1, 2 and 4, two launches at a
+    time."""
+    return torchrun.many({"baseline": ("step3", 1, *PARITY), 1: ("step4", 1, *PARITY),
+                          **{tp_size: ("step4", tp_size, *PARITY, "--tp_size", tp_size) for tp_size in TP_SIZES}})
+
+
+def test_tp1_equals_step3_exactly(runs):
+    baseline, run = runs["baseline"], runs[1]
     assert baseline.returncode == 0, baseline
     assert run.returncode == 0, run
     assert len(baseline.losses) == 20
@@ -91,9 +99,8 @@ def test_tp1_equals_step3_exactly(torchrun):
 
 
 @pytest.mark.parametrize("tp_size", TP_SIZES)
-def test_tp_run_matches_step3_baseline(torchrun, tp_size):
-    baseline = torchrun("step3", 1, *PARITY)
-    run = torchrun("step4", tp_size, *PARITY, "--tp_size", tp_size)
+def test_tp_run_matches_step3_baseline(runs, tp_size):
+    baseline, run = runs["baseline"], runs[tp_size]
     assert_parity(run, baseline, steps=20)
     for m in run.metrics:
         assert m["tokens_per_second_per_device"] == pytest.approx(m["tokens_per_second"] / tp_size)
