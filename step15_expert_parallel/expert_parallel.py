@@ -11,7 +11,8 @@ Dispatch and combine, in every MoE layer (SparseMoeBlock.run_experts; all-to-all
     route       each rank's router picks k experts per token; the (token, choice) pairs are sorted by expert, so
                 the pairs bound for rank j's experts are one contiguous block, itself ordered by expert
     counts      all-to-all of the counts: rank i tells rank j how many pairs it sends to each of j's experts
-                (a [E, n] table, n integers per peer), so every rank knows how much it will receive, and from whom
+                (n integers per peer, one per expert of the layer in all), so every rank knows how much it will
+                receive, and from whom
     dispatch    all-to-all of the tokens: rank i sends its block for rank j to rank j (hidden values, the compute
                 dtype); rank j receives them source by source, regroups them expert by expert, and runs each of
                 its experts once, one matmul per weight, on all the tokens that chose it, from every rank
@@ -23,10 +24,10 @@ dropped or padded (no capacity factor): an expert takes whatever the router send
 
 Bytes: per MoE layer and micro-batch, a rank hands to all-to-all its own (token, choice) pairs (dispatch forward,
 and the gradients coming home in backward) and the pairs its experts received (combine forward, and their gradients
-in backward), hidden values each, plus the counts (E integers, 8 bytes each) once. Over an ep group every rank's
-pairs are received exactly once, so per rank, on average over the group:
+in backward), hidden values each, plus the counts (num_local_experts integers, 8 bytes each) once. Over an ep group
+every rank's pairs are received exactly once, so per rank, on average over the group:
 
-    bytes = 4 x tokens x k x hidden x bytes per value + 8 E      (tokens: the rank's micro-batch, batch x seq)
+    bytes = 4 x tokens x k x hidden x bytes per value + 8 x num_local_experts     (tokens: batch x seq of the rank)
 
 A rank whose experts are chosen more than their share sends more (logged as alltoall_bytes_max). The fraction
 (E - 1) / E of it leaves the rank when the routing is even; the rest is pairs whose expert lives on the rank itself.

@@ -77,6 +77,9 @@ class Experts(nn.Module):
         gate_up, down = self.gate_up_proj, self.down_proj
         if self.shared is not None:
             gate_up, down = self.shared(gate_up), self.shared(down)
+        # one view per expert, taken once: backward then stacks the experts' gradients into the fused tensor's, where
+        # indexing gate_up[expert] would give each expert a zero-filled gradient of the whole tensor to add up
+        gate_up, down = gate_up.unbind(0), down.unbind(0)
         outputs = []
         for expert, block in enumerate(tokens.split(counts)):
             gate, up = F.linear(block, gate_up[expert]).chunk(2, dim=-1)
@@ -119,12 +122,11 @@ class SparseMoeBlock(nn.Module):
     def run_experts(self, flat, chosen, counts):
         tokens, k = chosen.shape
         order = chosen.reshape(-1).argsort(stable=True)  # the (token, choice) pairs, grouped by expert
-        sorted_tokens = flat[order // k]  # [tokens * k, hidden]
+        sorted_tokens = flat.index_select(0, order // k)  # [tokens * k, hidden]
         local_tokens, local_counts, combine = self.dispatch(sorted_tokens, counts)
         outputs = combine(self.experts(local_tokens, local_counts))  # [tokens * k, hidden], sorted order
-        unsort = torch.empty_like(order)
-        unsort[order] = torch.arange(order.numel(), device=order.device)
-        return outputs[unsort].view(tokens, k, -1)
+        # back in (token, choice) order: row order[i] of the result is row i of the outputs
+        return outputs.new_empty(outputs.shape).index_copy(0, order, outputs).view(tokens, k, -1)
 
 
 def moe_blocks(model):

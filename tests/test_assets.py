@@ -112,7 +112,7 @@ def test_committed_assets_are_what_the_script_makes():
 
 
 def test_check_names_a_stale_file(tmp_path):
-    for name in ("tiny_llama", "tiny_stories"):
+    for name in ("tiny_llama", "tiny_mixtral", "tiny_stories"):
         shutil.copytree(ROOT / "assets" / name, tmp_path / name)
     config_file = tmp_path / "tiny_llama" / "config.json"
     config_file.write_text(config_file.read_text().replace('"hidden_size": 256', '"hidden_size": 512'))

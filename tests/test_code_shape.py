@@ -13,7 +13,7 @@ from conftest import ROOT, step_dir
 # Step 12's main() was 115 lines before its phases were named; with them it is 65. The bound leaves room to grow a
 # little, not to fold a phase back in.
 MAIN_MAX_LINES = 80
-STEPS = [f"step{n}" for n in range(1, 15)]
+STEPS = [f"step{n}" for n in range(1, 16)]
 PHASES = ("set_up_process", "check_command_line", "build_model")
 PIPELINE_STEPS = [step for step in STEPS if int(step.removeprefix("step")) >= 7]
 CHECKPOINT_STEPS = [step for step in STEPS if int(step.removeprefix("step")) >= 10]
