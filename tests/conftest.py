@@ -10,8 +10,10 @@ import importlib
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -148,6 +150,26 @@ class Launcher:
         ...) as for one launch."""
         runs = concurrently(lambda launch: self(*launch, **options), launches.values(), workers)
         return dict(zip(launches, runs))
+
+    def many_then_resume(self, launches, *, saver, save_dir, halfway, drop, env_of=lambda name: None):
+        """As many(), two at a time; the launch named "resumed" (the last) waits for `saver` to end, then starts from
+        a copy of its save_dir, at `halfway`, without the folder `drop` (as a run stopped before that step leaves
+        it). env_of(name): the variables of each launch."""
+        saved = threading.Event()
+
+        def launch(item):
+            name, args = item
+            if name == "resumed":
+                saved.wait()
+                if save_dir.exists():  # else the resume fails, and says why, in its own test
+                    shutil.copytree(save_dir, halfway, ignore=shutil.ignore_patterns(drop))
+            try:
+                return name, self(*args, env=env_of(name))
+            finally:
+                if name == saver:
+                    saved.set()
+
+        return dict(concurrently(launch, launches.items()))
 
 
 @pytest.fixture(scope="session")

@@ -11,13 +11,11 @@
 - bad input: --sequence_parallel at tp 1, and a sequence part that tp does not divide, each one line.
 The activation memory of every layout against its formula is tests/test_benchmark_activations.py's."""
 import re
-import shutil
 import sys
-import threading
 
 import pytest
 
-from conftest import assert_parity, concurrently, import_step, max_abs_diff
+from conftest import assert_parity, import_step, max_abs_diff
 from test_zero import BASELINE, COMMON, DP2
 
 TP2 = ["--micro_batch_size", 2, "--gradient_accumulation_steps", 2, "--tp_size", 2]
@@ -61,21 +59,9 @@ def runs(torchrun, tmp_path_factory):
                 "step12_one": ("step12", 1, *COMMON, *ONE, *SHORT),
                 "resumed": ("step13", 2, *COMMON, *TP2, *SHORT, "--recompute", "full", "--save_dir", halfway,
                             "--resume")}
-    saved = threading.Event()
-
-    def launch(item):
-        name, launch = item
-        if name == "resumed":
-            saved.wait()
-            if save_dir.exists():  # else the resume fails, and says why, in its own test
-                shutil.copytree(save_dir, halfway, ignore=shutil.ignore_patterns("step_000010"))
-        try:
-            return name, torchrun(*launch, env={"VERBOSE": "1"} if name in VERBOSE_RUNS else None)
-        finally:
-            if name == "tp2_sp_short":
-                saved.set()
-
-    return dict(concurrently(launch, launches.items()))
+    return torchrun.many_then_resume(launches, saver="tp2_sp_short", save_dir=save_dir, halfway=halfway,
+                                     drop="step_000010",
+                                     env_of=lambda name: {"VERBOSE": "1"} if name in VERBOSE_RUNS else None)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

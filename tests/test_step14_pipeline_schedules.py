@@ -14,14 +14,12 @@
   does not divide.
 The bubble of each schedule against its formula is tools/pipeline_bubble.py's (tests/test_pipeline_bubble.py)."""
 import re
-import shutil
 import sys
-import threading
 
 import pytest
 import torch
 
-from conftest import assert_parity, concurrently, import_step, max_abs_diff
+from conftest import assert_parity, import_step, max_abs_diff
 from test_zero import BASELINE, COMMON
 
 PP2 = ["--micro_batch_size", 1, "--gradient_accumulation_steps", 4, "--pp_size", 2]  # the baseline's batch of 4
@@ -60,21 +58,9 @@ def runs(torchrun, tmp_path_factory):
                 "step13_one_eight": ("step13", 1, *COMMON, *EIGHT, *SHORT),
                 "resumed": ("step14", 2, *COMMON, *RESUMED, *INTERLEAVED, "--virtual_pp_size", 2, "--save_dir",
                             halfway, "--resume")}
-    saved = threading.Event()
-
-    def launch(item):
-        name, launch = item
-        if name == "resumed":
-            saved.wait()
-            if save_dir.exists():  # else the resume fails, and says why, in its own test
-                shutil.copytree(save_dir, halfway, ignore=shutil.ignore_patterns("step_000010"))
-        try:
-            return name, torchrun(*launch, env={"VERBOSE": "1"})
-        finally:
-            if name == "zb_saved":
-                saved.set()
-
-    return {"baseline": baseline, **dict(concurrently(launch, launches.items()))}
+    return {"baseline": baseline,
+            **torchrun.many_then_resume(launches, saver="zb_saved", save_dir=save_dir, halfway=halfway,
+                                        drop="step_000010", env_of=lambda name: {"VERBOSE": "1"})}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -16,16 +16,14 @@
   the balance loss under pipeline parallelism.
 The speed against transformers and the tokens-per-expert picture are tools/benchmark_moe.py's."""
 import json
-import shutil
 import sys
-import threading
 
 import pytest
 import torch
 import transformers
 
 from checkpoint_helpers import export_and_compare
-from conftest import ROOT, assert_parity, concurrently, import_step, max_abs_diff
+from conftest import ROOT, assert_parity, import_step, max_abs_diff
 from test_step14_pipeline_schedules import EIGHT, SHORT
 from test_zero import COMMON
 
@@ -64,21 +62,9 @@ def runs(torchrun, tmp_path_factory):
                 "step14_one_eight": ("step14", 1, *COMMON, *EIGHT, *SHORT),
                 "resumed": ("step15", 4, *COMMON, *MOE, "--gradient_accumulation_steps", 1, "--dp_size", 4,
                             "--ep_size", 4, "--zero_stage", 2, "--save_dir", halfway, "--resume")}
-    saved = threading.Event()
-
-    def launch(item):
-        name, launch = item
-        if name == "resumed":
-            saved.wait()
-            if saves["ep2"].exists():  # else the resume fails, and says why, in its own test
-                shutil.copytree(saves["ep2"], halfway, ignore=shutil.ignore_patterns("step_000020"))
-        try:
-            return name, torchrun(*launch, env={"VERBOSE": "1"} if name.endswith("one_eight") else None)
-        finally:
-            if name == "ep2":
-                saved.set()
-
-    return {**dict(concurrently(launch, launches.items())), "saves": saves}
+    runs = torchrun.many_then_resume(launches, saver="ep2", save_dir=saves["ep2"], halfway=halfway, drop="step_000020",
+                                     env_of=lambda name: {"VERBOSE": "1"} if name.endswith("one_eight") else None)
+    return {**runs, "saves": saves}
 
 
 def tiny_mixtral(layers=2, top_k=2):
